@@ -1,0 +1,180 @@
+"""The hooks through which PEFT methods add parameters to the model ports.
+
+Every model family builds its projections with `Dense`, calls `Adapter` after the attention output
+and the feed-forward output projections, `Prefix` inside self-attention and `Prompt` after the
+embeddings. With the default `PeftSpec()` all of them are the plain layer or the identity, and the
+parameter tree is exactly the Hugging Face one (kernel/bias names as nn.Dense).
+
+Parameter names added here are what `jaxft.peft.rules` keys on: `lora_a`, `lora_b`, `dora_m`,
+`ia3`, `adapter_*`, `prefix_key`, `prefix_value`, `prompt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftSpec:
+  """Which PEFT parameters the model creates. Hashable: it lives in the (static) module config.
+
+  lora_rank: r of LoRA, W x + (alpha / r) B A x (Hu et al. 2021); 0 disables LoRA.
+  lora_alpha: alpha; the scale is alpha / r, or alpha / sqrt(r) with `rslora` (Kalajdzievski 2023).
+  lora_dropout: dropout on the LoRA branch input.
+  lora_targets: regex searched in the Dense module's name ("query", "value", "intermediate", ...).
+  dora: DoRA (Liu et al. 2024): W' = m * (W + s B A) / ||W + s B A||_col, m initialised to ||W||_col.
+  ia3_targets: regex of Dense names whose outputs (IA)^3 rescales by a learned vector l (init 1).
+  adapter_size: bottleneck width of adapters; 0 disables them.
+  adapter_kind: "houlsby" (after attention and after FFN) or "pfeiffer" (after FFN only).
+  prefix_length: number of learned key/value vectors prepended in every self-attention layer.
+  prompt_length: number of learned embedding vectors inserted after the first ([CLS]) token.
+  """
+
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = "query|value"
+  rslora: bool = False
+  dora: bool = False
+  ia3_targets: str = ""
+  adapter_size: int = 0
+  adapter_kind: str = "houlsby"
+  prefix_length: int = 0
+  prompt_length: int = 0
+
+  def lora_on(self, name: str) -> bool:
+    return self.lora_rank > 0 and bool(re.search(self.lora_targets, name))
+
+  def ia3_on(self, name: str) -> bool:
+    return bool(self.ia3_targets) and bool(re.search(self.ia3_targets, name))
+
+  @property
+  def lora_scale(self) -> float:
+    r = self.lora_rank
+    return self.lora_alpha / (math.sqrt(r) if self.rslora else r)
+
+
+class Dense(nn.Module):
+  """nn.Dense with optional LoRA / DoRA / (IA)^3 on top; param names `kernel` [in, out] and `bias`."""
+
+  features: int
+  peft: PeftSpec = PeftSpec()
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    dtype = self.dtype or x.dtype
+    name = self.name or ""
+    lora = self.peft.lora_on(name)
+    if lora and self.peft.dora:
+      a = self.param("lora_a", nn.initializers.kaiming_uniform(), (in_features, self.peft.lora_rank),
+                     self.param_dtype)
+      b = self.param("lora_b", nn.initializers.zeros, (self.peft.lora_rank, self.features),
+                     self.param_dtype)
+      merged = kernel + self.peft.lora_scale * (a @ b)
+      # Column norm over the input axis; the magnitude starts at ||W|| so DoRA starts at W.
+      m = self.param("dora_m", lambda _, w: jnp.linalg.norm(w, axis=0), kernel)
+      kernel = merged * (m / jnp.linalg.norm(merged, axis=0))
+      y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    else:
+      y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+      if lora:
+        a = self.param("lora_a", nn.initializers.kaiming_uniform(),
+                       (in_features, self.peft.lora_rank), self.param_dtype)
+        b = self.param("lora_b", nn.initializers.zeros, (self.peft.lora_rank, self.features),
+                       self.param_dtype)
+        h = nn.Dropout(self.peft.lora_dropout)(x, deterministic=deterministic)
+        y = y + self.peft.lora_scale * jnp.dot(jnp.dot(h.astype(dtype), a.astype(dtype)),
+                                               b.astype(dtype))
+    if bias is not None:
+      y = y + bias.astype(dtype)
+    if self.peft.ia3_on(name):
+      y = y * self.param("ia3", nn.initializers.ones, (self.features,), self.param_dtype).astype(dtype)
+    return y
+
+
+class Adapter(nn.Module):
+  """Bottleneck adapter x + W_up act(W_down x) (Houlsby et al. 2019); identity when disabled.
+
+  `where` is "attn" or "ffn": Houlsby adapters sit after both, Pfeiffer after the FFN only. W_up
+  starts at zero so an added adapter leaves the pretrained function unchanged.
+  """
+
+  peft: PeftSpec = PeftSpec()
+  where: str = "ffn"
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    size = self.peft.adapter_size
+    if size <= 0 or (self.peft.adapter_kind == "pfeiffer" and self.where != "ffn"):
+      return x
+    h = nn.Dense(size, dtype=self.dtype, kernel_init=nn.initializers.normal(1e-3),
+                 name="adapter_down")(x)
+    h = nn.gelu(h, approximate=False)
+    h = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                 name="adapter_up")(h)
+    return x + h
+
+
+class Prefix(nn.Module):
+  """Learned key/value prefixes for one attention layer (Li & Liang 2021).
+
+  Returns (key_prefix, value_prefix), each [prefix_length, num_heads, head_dim], or None when
+  disabled. The attention must prepend them to keys/values and count them as unmasked.
+  """
+
+  peft: PeftSpec = PeftSpec()
+  num_heads: int = 1
+  head_dim: int = 1
+
+  @nn.compact
+  def __call__(self):
+    n = self.peft.prefix_length
+    if n <= 0:
+      return None
+    shape = (n, self.num_heads, self.head_dim)
+    k = self.param("prefix_key", nn.initializers.normal(0.02), shape)
+    v = self.param("prefix_value", nn.initializers.normal(0.02), shape)
+    return k, v
+
+
+class Prompt(nn.Module):
+  """Soft prompt tuning (Lester et al. 2021): inserts prompt_length learned vectors after token 0.
+
+  (h [B, S, H], mask [B, S]) -> (h [B, S + P, H], mask [B, S + P]). The model drops those P
+  positions again before its head (`strip`), so token-level heads keep their alignment.
+  """
+
+  peft: PeftSpec = PeftSpec()
+
+  @nn.compact
+  def __call__(self, h, mask):
+    n = self.peft.prompt_length
+    if n <= 0:
+      return h, mask
+    p = self.param("prompt", nn.initializers.normal(0.02), (n, h.shape[-1])).astype(h.dtype)
+    p = jnp.broadcast_to(p[None], (h.shape[0], n, h.shape[-1]))
+    h = jnp.concatenate([h[:, :1], p, h[:, 1:]], axis=1)
+    mask = jnp.concatenate([mask[:, :1], jnp.ones((mask.shape[0], n), mask.dtype), mask[:, 1:]], 1)
+    return h, mask
+
+  def strip(self, h):
+    n = self.peft.prompt_length
+    if n <= 0:
+      return h
+    return jnp.concatenate([h[:, :1], h[:, 1 + n:]], axis=1)
