@@ -1,8 +1,10 @@
 """Objectives by name: `config.objective.name` -> the loss terms and extras a step needs.
 
-An objective factory takes (objective_config, task_info) and returns an `Objective`. The training
-loop turns it into a step with `jaxft.objectives.base.make_step`. Adding an objective is one
-module with a factory decorated by `@register("name")` (see README "Adding an objective").
+An objective factory takes (options, task_info) and returns an `Objective`, where `options` is
+`config.objective.<name>`: the objective's own ConfigDict, filled from the `defaults` it registered
+(so `--config.objective.fgm.epsilon=0.01` is a checked override). The training loop turns the
+Objective into a step with `jaxft.objectives.base.make_step`. Adding an objective is one module with
+a factory decorated by `@register("name", defaults={...})` (see README "Adding an objective").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable, Mapping
 from jaxft.objectives.base import Weighted
 
 _REGISTRY: dict[str, Callable[..., "Objective"]] = {}
+_DEFAULTS: dict[str, dict] = {}
 
 
 @dataclasses.dataclass
@@ -30,13 +33,21 @@ class Objective:
   unlabeled: bool = False
 
 
-def register(name: str):
+def register(name: str, defaults: dict | None = None):
+  """Registers `factory(options, task_info) -> Objective` under `name` with its default options."""
   def deco(factory):
     if name in _REGISTRY:
       raise ValueError(f"objective {name!r} registered twice")
     _REGISTRY[name] = factory
+    _DEFAULTS[name] = dict(defaults or {})
     return factory
   return deco
+
+
+def defaults() -> dict[str, dict]:
+  """name -> default options of every registered objective (the config builder nests these)."""
+  _import_all()
+  return {k: dict(v) for k, v in _DEFAULTS.items()}
 
 
 def names() -> list[str]:
@@ -51,7 +62,7 @@ def build(objective_config, task_info) -> Objective:
     close = difflib.get_close_matches(name, _REGISTRY, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise KeyError(f"unknown objective {name!r}.{hint} Known objectives: {', '.join(names())}")
-  return _REGISTRY[name](objective_config, task_info)
+  return _REGISTRY[name](objective_config[name], task_info)
 
 
 def _import_all():

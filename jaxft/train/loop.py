@@ -1,0 +1,265 @@
+"""train_and_evaluate: config -> data -> batches -> jitted step -> metrics -> writers / checkpoints.
+
+One function a notebook can call; `jaxft train` is a thin wrapper. Its stages, in order:
+  1. workdir check (a different experiment there is refused unless overwrite=True),
+  2. tokenizer + data (all input validation happens here, before any model or compile),
+  3. model, PEFT partition, optimizer, objective -> TrainState on the mesh, step jitted once,
+  4. resume from the newest good checkpoint (state + data iterator position),
+  5. the loop: batch_at(step) -> step -> log / eval / checkpoint / early stopping,
+  6. results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import config as config_lib
+from jaxft.train import checkpoint as ckpt_lib
+from jaxft.train import mesh as mesh_lib
+from jaxft.train.evaluate import Evaluator
+from jaxft.train.setup import Setup, build_setup
+from jaxft.train.writers import MetricWriter, Progress
+
+log = logging.getLogger("jaxft")
+
+# Keys that may differ between a run and its resume without changing the experiment.
+_RESUMABLE_KEYS = ("train.progress", "train.log_every", "experiment")
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM-triggered checkpoint, so callers can exit cleanly."""
+
+
+def _flat_config(config) -> dict:
+  out = {}
+
+  def walk(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = v
+
+  walk(config.to_dict() if hasattr(config, "to_dict") else config)
+  return out
+
+
+def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
+  """Creates the workdir or checks it holds this experiment. Returns True if it can resume.
+
+  A workdir with another experiment's config is refused; with overwrite=True it is moved aside to
+  <workdir>.old-<timestamp> (never deleted), and a fresh one is made.
+  """
+  saved = workdir / "config.json"
+  if saved.exists():
+    old = _flat_config(json.loads(saved.read_text()))
+    new = _flat_config(config)
+    diff = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS)
+    if not diff:
+      return True
+    if not overwrite:
+      shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+      raise FileExistsError(
+          f"workdir {workdir} holds a different experiment ({shown}{' ...' if len(diff) > 6 else ''})."
+          " Use another --workdir, or pass --overwrite to move the old one aside and start fresh.")
+    backup = workdir.with_name(f"{workdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(workdir), str(backup))
+    log.warning("moved the previous workdir to %s", backup)
+  elif workdir.exists() and any(workdir.iterdir()) and not overwrite:
+    raise FileExistsError(f"workdir {workdir} exists and is not a jaxft workdir (no config.json); "
+                          "use an empty or new directory, or --overwrite to move it aside")
+  elif workdir.exists() and any(workdir.iterdir()):
+    backup = workdir.with_name(f"{workdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(workdir), str(backup))
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config_lib.to_json(config))
+  return False
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (the preemption notice) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.raised = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, no flag
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+  if best is None:
+    return True
+  return value > best if mode == "max" else value < best
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool = False,
+                       devices=None) -> dict:
+  """Runs (or resumes) the experiment in `config`, writing everything into `workdir`.
+
+  Returns the results dict also written to <workdir>/results.json.
+  """
+  workdir = pathlib.Path(workdir)
+  can_resume = prepare_workdir(workdir, config, overwrite)
+  t_start = time.time()
+  s: Setup = build_setup(config, devices=devices)
+  writer = MetricWriter(workdir)
+  writer.write("info", 0, {"trainable_params": s.counts["trainable_params"],
+                          "total_params": s.counts["total_params"],
+                          "trainable_percent": s.counts["trainable_percent"],
+                          "total_steps": s.total_steps, **{f"data/{k}": v for k, v in
+                                                           s.data.stats.items()
+                                                           if isinstance(v, (int, float))}})
+  log.info("%s: %d steps, %.2f%% of %d parameters train", config.experiment or "run",
+           s.total_steps, s.counts["trainable_percent"], s.counts["total_params"])
+
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  state = s.state
+  start_step = 0
+  best_value, best_metrics, best_step = None, None, None
+  history_eval = []
+  if can_resume:
+    restored = ckpts.restore_latest(ckpt_lib.abstract(s.checkpointable(state)))
+    if restored is not None:
+      saved_state, meta = restored
+      state = s.from_checkpointable(saved_state)
+      s.data.train.check_resumable(meta["data"])
+      start_step = int(meta["step"])
+      best_value, best_metrics, best_step = meta.get("best_value"), meta.get("best"), meta.get(
+          "best_step")
+      history_eval = meta.get("evals", [])
+      log.info("resumed from step %d", start_step)
+
+  evaluator = Evaluator(s)
+  main_metric = config.train.early_stopping_metric or s.data.info.main_metric
+  mode = "min" if main_metric in ("loss",) else "max"
+  eval_every = config.train.eval_every or s.data.train.steps_per_epoch
+  ckpt_every = config.train.checkpoint_every or eval_every
+  log_every = max(int(config.train.log_every), 1)
+  patience = int(config.train.early_stopping_patience)
+  rng = jax.random.key(config.seed)
+  progress = Progress(s.total_steps, start_step, enabled=config.train.progress)
+  last_skipped, last_log_step = 0.0, start_step
+  evals_without_gain = 0
+  if history_eval and best_step is not None:
+    evals_without_gain = sum(1 for e in history_eval if e["step"] > best_step)
+  t_loop = time.time()
+  steps_run = 0
+  last_eval_step = None
+  eval_metrics = history_eval[-1]["metrics"] if history_eval else None
+
+  def meta_for(step):
+    return {"step": step, "data": s.data.train.state_dict(step), "best_value": best_value,
+            "best": best_metrics, "best_step": best_step, "evals": history_eval,
+            "base_model": config.model.name}
+
+  with _SigtermFlag() as sigterm:
+    step = start_step
+    while step < s.total_steps:
+      batch = mesh_lib.put_batch(s.data.train.batch_at(step), s.mesh)
+      state, metrics = s.step_fn(state, batch, rng)
+      step += 1
+      steps_run += 1
+
+      if step % log_every == 0 or step == s.total_steps:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        skipped = host["skipped_steps"]
+        if config.train.nan_policy == "error" and skipped > last_skipped:
+          raise FloatingPointError(
+              f"non-finite loss or gradients between steps {last_log_step + 1} and {step} "
+              f"(nan_policy=error); those updates were not applied. Lower train.learning_rate, "
+              "check the data, or use nan_policy=skip")
+        last_skipped, last_log_step = skipped, step
+        host["examples_per_s"] = steps_run * config.train.batch_size / (time.time() - t_loop)
+        writer.write("train", step, host)
+        progress.update(step, {"loss": host["loss"], "lr": host["lr"]}, n=0)
+      progress.update(step, None)
+
+      is_eval = step % eval_every == 0 or step == s.total_steps
+      if is_eval:
+        eval_metrics = evaluator.evaluate(state)
+        last_eval_step = step
+        history_eval.append({"step": step, "metrics": eval_metrics})
+        writer.write("eval", step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        value = eval_metrics.get(main_metric)
+        if value is None:
+          raise KeyError(f"early-stopping metric {main_metric!r} is not among the eval metrics "
+                         f"{sorted(eval_metrics)}; set train.early_stopping_metric to one of them")
+        improved = _is_better(value, best_value, mode)
+        if improved:
+          best_value, best_metrics, best_step = value, eval_metrics, step
+          evals_without_gain = 0
+        else:
+          evals_without_gain += 1
+        log.info("step %d eval %s", step, json.dumps(eval_metrics))
+        if step % ckpt_every == 0 or step == s.total_steps or improved:
+          ckpts.save(step, s.checkpointable(state), meta_for(step), best=improved, force=True)
+        if patience and evals_without_gain >= patience:
+          log.info("early stopping at step %d: %s did not improve for %d evals", step,
+                   main_metric, patience)
+          break
+      elif step % ckpt_every == 0:
+        ckpts.save(step, s.checkpointable(state), meta_for(step))
+
+      if sigterm.raised:
+        ckpts.save(step, s.checkpointable(state), meta_for(step), force=True)
+        ckpts.wait()
+        ckpts.close()
+        writer.write("info", step, {"preempted": 1})
+        writer.close()
+        progress.close()
+        raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {workdir}; run the same "
+                        "command again to resume at the next step")
+
+  ckpts.wait()
+  ckpts.close()
+  progress.close()
+  if last_eval_step is None and eval_metrics is None:
+    eval_metrics = evaluator.evaluate(state)
+  wall = time.time() - t_start
+  results = {
+      "experiment": config.experiment,
+      "task": s.data.info.name,
+      "model": config.model.name,
+      "peft": config.peft.method,
+      "objective": config.objective.name,
+      "seed": config.seed,
+      "eval": eval_metrics,
+      "best": best_metrics or eval_metrics,
+      "best_step": best_step if best_step is not None else step,
+      "main_metric": main_metric,
+      "steps": step,
+      **s.counts,
+      "wall_time_s": wall,
+      "train_examples_per_s": (steps_run * config.train.batch_size / (time.time() - t_loop)
+                               if steps_run else None),
+      "data": {k: v for k, v in s.data.stats.items() if isinstance(v, (int, float, str))},
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+  }
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  writer.write("info", step, {"done": 1, "wall_time_s": wall})
+  writer.close()
+  return results

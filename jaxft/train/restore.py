@@ -1,0 +1,51 @@
+"""Reopening a finished (or interrupted) workdir: evaluate its checkpoint, or export its model."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from jaxft import config as config_lib
+from jaxft.train import checkpoint as ckpt_lib
+from jaxft.train.evaluate import Evaluator
+from jaxft.train.setup import Setup, build_setup
+
+
+def load_workdir(workdir: str | pathlib.Path, which: str = "best"):
+  """-> (setup, state) with the state of the workdir's best or latest checkpoint."""
+  workdir = pathlib.Path(workdir)
+  saved = workdir / "config.json"
+  if not saved.exists():
+    raise FileNotFoundError(f"{workdir} is not a jaxft workdir (no config.json); train first with "
+                            "`jaxft train --config ... --workdir DIR`")
+  config = config_lib.from_json(saved.read_text())
+  setup: Setup = build_setup(config)
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints, async_save=False)
+  target = ckpt_lib.abstract(setup.checkpointable(setup.state))
+  restored = ckpts.restore_best(target) if which == "best" else None
+  if restored is None:
+    restored = ckpts.restore_latest(target)
+  ckpts.close()
+  if restored is None:
+    raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+  state, _ = restored
+  return setup, setup.from_checkpointable(state)
+
+
+def evaluate_workdir(workdir, split: str | None = None, which: str = "best") -> dict:
+  setup, state = load_workdir(workdir, which)
+  metrics = Evaluator(setup, split).evaluate(state)
+  out = pathlib.Path(workdir) / f"eval_{split or setup.config.data.eval_split}_{which}.json"
+  out.write_text(json.dumps(metrics, indent=2))
+  return metrics
+
+
+def export_workdir(workdir, out_dir, which: str = "best", merged: bool = True,
+                   overwrite: bool = False) -> pathlib.Path:
+  from jaxft import peft
+  setup, state = load_workdir(workdir, which)
+  out = pathlib.Path(out_dir)
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out} is not empty; choose a new --out or pass --overwrite")
+  peft.export(setup.model, state.params, out, merged=merged)
+  return out
