@@ -59,7 +59,7 @@ def example_weights(batch) -> jax.Array:
 
 
 def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree) if jax.tree_util.tree_leaves(tree) else jnp.zeros(())
+  return optax.tree.norm(tree) if jax.tree_util.tree_leaves(tree) else jnp.zeros(())
 
 
 def _all_finite(tree) -> jax.Array:

@@ -1,0 +1,240 @@
+"""Blocks every encoder family shares: the architecture config, activations, and multi-head attention.
+
+Attention goes through `jax.nn.dot_product_attention`, so on GPU with bf16/fp16 the cuDNN flash
+kernel runs. The probabilities are materialised only when they are asked for (output_attentions) or
+when attention-probability dropout is active (the fused kernels have no dropout), which is what the
+Hugging Face reference does in training; pass `attention_dropout=0.0` to train on the fused path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxft.peft.layers import Dense, PeftSpec, Prefix
+
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+  """Static description of one encoder (hashable: it is a field of the Flax modules).
+
+  Built from a Hugging Face config by the family's `arch_from_hf`; sizes are HF's. `position_ids`:
+  "absolute" (0..S-1, BERT/ELECTRA/DistilBERT) or "padding_offset" (fairseq: cumsum of non-pad
+  tokens + pad_token_id, RoBERTa/MPNet). Runtime options: `dtype` is the compute dtype, `param_dtype`
+  the master-parameter dtype, `attention_impl` None (auto) / "xla" / "cudnn", `remat` wraps each layer
+  in nn.remat with `remat_policy` (a name in jax.checkpoint_policies, None = save nothing).
+  """
+
+  model_type: str
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  intermediate_size: int
+  hidden_act: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  vocab_size: int = 0
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 0
+  pad_token_id: int = 0
+  embedding_size: int = 0  # ELECTRA: factorised embeddings, projected to hidden_size
+  position_ids: str = "absolute"
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: float = 0.1
+  relative_attention_num_buckets: int = 0  # MPNet
+  image_size: int = 0  # ViT
+  patch_size: int = 0
+  num_channels: int = 3
+  qkv_bias: bool = True
+  pooler_size: int = 0
+  pooler_act: str = "tanh"
+  add_pooling_layer: bool = False
+  mlm_act: str = "gelu"
+  # Runtime options.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
+  remat: bool = False
+  remat_policy: Optional[str] = None
+  peft: PeftSpec = PeftSpec()
+
+
+def _gelu_exact(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+# Names as in transformers.activations.ACT2FN.
+ACTIVATIONS = {
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+  return ACTIVATIONS[name]
+
+
+def layer_norm(cfg: ArchConfig, name: str, eps: float | None = None) -> nn.LayerNorm:
+  """LayerNorm with HF's epsilon; statistics are computed in float32 even in bf16 compute."""
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps if eps is None else eps, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, name=name)
+
+
+def dense(cfg: ArchConfig, features: int, name: str, use_bias: bool = True) -> Dense:
+  """A PEFT-aware projection (LoRA / DoRA / IA3 hook) with HF's normal(0.02) init."""
+  return Dense(features, peft=cfg.peft, use_bias=use_bias, dtype=cfg.dtype,
+               param_dtype=cfg.param_dtype, name=name)
+
+
+def resolve_attention_impl(impl: Optional[str], dtype, head_dim: int) -> str:
+  """None -> "cudnn" on GPU for bf16/fp16 with a head size cuDNN takes (multiple of 8, <= 128),
+  else "xla". An explicit choice is returned as is (cuDNN raises itself if it cannot run)."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  if impl is not None:
+    return impl
+  on_gpu = jax.default_backend() == "gpu"
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if on_gpu and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def fused_attention(q, k, v, mask, bias, impl: str, backend: Optional[str] = None):
+  """softmax(q k^T / sqrt(d) + bias, masked) v through jax.nn.dot_product_attention.
+
+  q: [B, T, N, D]; k, v: [B, S, N, D]; mask: bool [B, S] (True = attend) or None; bias: [1|B, N, T, S]
+  or None. For "cudnn" the padding goes in as `key_value_seq_lengths` = number of True entries
+  (cuDNN rejects a [B, 1, 1, S] mask), which is exact for right-padded masks (what HF tokenizers
+  and our batcher produce); lengths are clamped to >= 1 so all-padding rows stay finite.
+  `backend` overrides the implementation passed to JAX (tests run the cudnn mask path on "xla").
+  Returns [B, T, N, D].
+  """
+  run = backend or impl
+  if impl == "cudnn" and mask is not None:
+    lengths = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=-1), 1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
+                                        implementation=run)
+  m = None if mask is None else mask[:, None, None, :]
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=m, implementation=run)
+
+
+def explicit_attention(q, k, v, mask, bias, dropout: nn.Module, deterministic: bool):
+  """The same attention with the probabilities materialised: [B, N, T, S] float32 softmax, then
+  dropout on them (as HF does). Masked logits are set to a large negative, so a fully masked row
+  becomes uniform, like HF's additive finfo.min mask. Returns (out [B, T, N, D], probs)."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.float32(-1e30))
+  probs = jax.nn.softmax(logits, axis=-1)
+  dropped = dropout(probs, deterministic=deterministic)
+  out = jnp.einsum("bnts,bsnd->btnd", dropped.astype(v.dtype), v)
+  return out, probs
+
+
+class MultiHeadAttention(nn.Module):
+  """Query/key/value projections, optional prefix-tuning key/values, attention, optional output
+  projection. Submodule names come from `names` = (query, key, value[, output]) so the parameter
+  tree matches the HF checkpoint of each family ("query"/"key"/"value", "q_lin"/..., "q"/...).
+
+  x: [B, S, H]; mask: bool [B, S]; bias: [1|B, N, S, S] additive (MPNet's relative positions).
+  Returns (out [B, S, H'], probs [B, N, S, S + prefix] or None).
+  """
+
+  cfg: ArchConfig
+  names: tuple = ("query", "key", "value")
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, bias=None, deterministic: bool = True, output_attentions: bool = False):
+    cfg = self.cfg
+    b, s, _ = x.shape
+    n, d = cfg.num_heads, cfg.head_dim
+
+    def proj(name):
+      y = dense(cfg, n * d, name, self.use_bias)(x, deterministic=deterministic)
+      return y.reshape(b, s, n, d)
+
+    q, k, v = (proj(name) for name in self.names[:3])
+    prefix = Prefix(cfg.peft, num_heads=n, head_dim=d, name="prefix")()
+    if prefix is not None:
+      # Prefix-tuning (Li & Liang 2021): P learned keys/values in front, always attended to.
+      pk, pv = (jnp.broadcast_to(p.astype(k.dtype)[None], (b,) + p.shape) for p in prefix)
+      k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+      p_len = prefix[0].shape[0]
+      if mask is not None:
+        mask = jnp.concatenate([jnp.ones((b, p_len), bool), mask], 1)
+      if bias is not None:
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (p_len, 0)))
+    if bias is not None:
+      bias = bias.astype(q.dtype)
+    drop = nn.Dropout(cfg.attention_dropout)
+    if output_attentions or (not deterministic and cfg.attention_dropout > 0.0):
+      out, probs = explicit_attention(q, k, v, mask, bias, drop, deterministic)
+    else:
+      impl = resolve_attention_impl(cfg.attention_impl, q.dtype, d)
+      out, probs = fused_attention(q, k, v, mask, bias, impl), None
+    out = out.reshape(b, s, n * d)
+    if len(self.names) > 3:
+      out = dense(cfg, cfg.hidden_size, self.names[3])(out, deterministic=deterministic)
+    return out, (probs if output_attentions else None)
+
+
+def maybe_remat(cfg: ArchConfig, layer_cls):
+  """nn.remat(layer_cls) when cfg.remat; the layer's __call__ must be
+  (self, h, mask, bias, deterministic, output_attentions) with the last two static."""
+  if not cfg.remat:
+    return layer_cls
+  policy = None
+  if cfg.remat_policy is not None:
+    if not hasattr(jax.checkpoint_policies, cfg.remat_policy):
+      raise ValueError(f"unknown remat_policy {cfg.remat_policy!r}; use a name from "
+                       "jax.checkpoint_policies, e.g. 'nothing_saveable' or 'dots_saveable'")
+    policy = getattr(jax.checkpoint_policies, cfg.remat_policy)
+  return nn.remat(layer_cls, static_argnums=(4, 5), policy=policy)
+
+
+def masked_mean(h, mask):
+  """Mean over real tokens: sum_s m_s h_s / max(sum_s m_s, 1). h [B, S, H], mask [B, S] -> [B, H]."""
+  m = mask.astype(jnp.float32)[..., None]
+  return (jnp.sum(h.astype(jnp.float32) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)).astype(h.dtype)
+
+
+@dataclasses.dataclass
+class BackboneOutput:
+  """What a family's encoder returns to the task model (internal; see outputs.ModelOutput).
+
+  last_hidden_state [B, S, H] (prompt positions stripped), embeddings [B, S, E] (the tensor the
+  perturbation is added to), mask bool [B, S], pooled [B, H'] or None, hidden_states / attentions
+  tuples or None, word_embeddings [V, E] (for tied MLM decoders) or None.
+  """
+
+  last_hidden_state: Any
+  embeddings: Any
+  mask: Any
+  pooled: Any = None
+  hidden_states: Any = None
+  attentions: Any = None
+  word_embeddings: Any = None
