@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft.peft.layers import Dense, PeftSpec, Prefix
+from jaxft.peft.layers import Adapter, Dense, PeftSpec, Prefix, Prompt
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
@@ -238,3 +238,109 @@ class BackboneOutput:
   hidden_states: Any = None
   attentions: Any = None
   word_embeddings: Any = None
+
+
+class AddNorm(nn.Module):
+  """Post-LN sublayer output (BERT's SelfOutput / Output): LN(x_res + Adapter(Dropout(W x + b))).
+
+  Named "output" in HF, with children "dense" and "LayerNorm"; the adapter (Houlsby et al. 2019)
+  sits after the projection and before the residual, as `where` ("attn" or "ffn").
+  """
+
+  cfg: ArchConfig
+  where: str = "ffn"
+
+  @nn.compact
+  def __call__(self, x, residual, deterministic: bool = True):
+    cfg = self.cfg
+    y = dense(cfg, cfg.hidden_size, "dense")(x, deterministic=deterministic)
+    y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+    y = Adapter(cfg.peft, where=self.where, dtype=cfg.dtype, name="adapter")(y)
+    return layer_norm(cfg, "LayerNorm")(y + residual)
+
+
+class Intermediate(nn.Module):
+  """act(W x + b) into the intermediate size (HF "intermediate" with child "dense")."""
+
+  cfg: ArchConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    y = dense(self.cfg, self.cfg.intermediate_size, "dense")(x, deterministic=deterministic)
+    return activation(self.cfg.hidden_act)(y)
+
+
+def run_layers(cfg: ArchConfig, layer_cls, h, mask, bias, deterministic: bool,
+               output_hidden_states: bool, output_attentions: bool):
+  """Applies cfg.num_layers layers named layer_0..layer_{L-1} in the calling module's scope.
+
+  Returns (h, hidden_states, attentions): hidden_states is (input of layer 0, ..., output of layer
+  L-1), L + 1 arrays, as HF; attentions L arrays [B, N, S, S]; None when not asked for.
+  """
+  cls = maybe_remat(cfg, layer_cls)
+  hidden, attns = [h], []
+  for i in range(cfg.num_layers):
+    h, probs = cls(cfg, name=f"layer_{i}")(h, mask, bias, deterministic, output_attentions)
+    hidden.append(h)
+    attns.append(probs)
+  return (h, tuple(hidden) if output_hidden_states else None,
+          tuple(attns) if output_attentions else None)
+
+
+def encode_embeddings(cfg: ArchConfig, emb, mask, deterministic: bool, embedding_perturbation,
+                      output_hidden_states: bool, output_attentions: bool, encoder: nn.Module,
+                      project: Optional[nn.Module] = None, bias=None):
+  """The part every family shares after its embedding block (call inside the backbone's compact).
+
+  emb [B, S, E] (embedding output before dropout) + embedding_perturbation -> dropout ->
+  optional projection (ELECTRA) -> soft prompt (PEFT, inserted after token 0) -> encoder ->
+  prompt positions stripped from the last and all hidden states (attention maps keep them).
+  Returns (last_hidden_state, hidden_states, attentions).
+  """
+  if embedding_perturbation is not None:
+    emb = emb + embedding_perturbation.astype(emb.dtype)
+  h = nn.Dropout(cfg.hidden_dropout)(emb, deterministic=deterministic)
+  if project is not None:
+    h = project(h, deterministic=deterministic)
+  prompt = Prompt(cfg.peft, name="prompt")
+  h, mask = prompt(h, mask)
+  h, hidden, attns = encoder(h, mask, bias, deterministic, output_hidden_states, output_attentions)
+  if hidden is not None:
+    hidden = tuple(prompt.strip(x) for x in hidden)
+  return prompt.strip(h), hidden, attns
+
+
+class Pooler(nn.Module):
+  """HF pooler: act(W h[:, 0] + b) (tanh for BERT-likes). "pooler" with child "dense"."""
+
+  cfg: ArchConfig
+
+  @nn.compact
+  def __call__(self, h):
+    size = self.cfg.pooler_size or self.cfg.hidden_size
+    y = nn.Dense(size, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype,
+                 kernel_init=nn.initializers.normal(0.02), name="dense")(h[:, 0])
+    return activation(self.cfg.pooler_act)(y)
+
+
+def embed(cfg: ArchConfig, num: int, features: int, name: str) -> nn.Embed:
+  return nn.Embed(num, features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  embedding_init=nn.initializers.normal(0.02), name=name)
+
+
+def padding_offset_positions(input_ids, pad_token_id: int):
+  """fairseq/RoBERTa positions: pad + cumsum(non-pad) on real tokens, pad on padding tokens."""
+  not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+
+
+class Encoder(nn.Module):
+  """A stack of `layer` modules named layer_0..layer_{L-1} (HF "encoder.layer.N")."""
+
+  cfg: ArchConfig
+  layer: Any
+
+  @nn.compact
+  def __call__(self, h, mask, bias, deterministic, output_hidden_states, output_attentions):
+    return run_layers(self.cfg, self.layer, h, mask, bias, deterministic, output_hidden_states,
+                      output_attentions)
