@@ -37,8 +37,9 @@ def read_text(path, encoding: str = "utf-8-sig") -> str:
   except UnicodeDecodeError as e:
     line = raw[:e.start].count(b"\n") + 1
     guess = _guess_encoding(raw)
+    name = "UTF-8" if encoding.lower().startswith("utf-8") else encoding
     raise DataError(
-        f"{path} is not valid {encoding} (byte 0x{raw[e.start]:02x} at offset {e.start}, line "
+        f"{path} is not valid {name} (byte 0x{raw[e.start]:02x} at offset {e.start}, line "
         f"{line}). It looks like {guess}. Fix: convert it, e.g. `iconv -f {guess} -t utf-8 "
         f"{path.name} > {path.stem}.utf8{path.suffix}`, and point the config at the new file."
     ) from None
@@ -72,7 +73,7 @@ def read_delimited(path, *, delimiter: str, header: bool, quoting: bool,
   kw = {"delimiter": delimiter}
   kw.update({"quoting": csv.QUOTE_MINIMAL} if quoting else {"quoting": csv.QUOTE_NONE,
                                                             "quotechar": None})
-  rows = [r for r in csv.reader(text.splitlines(), **kw) if r]
+  rows = [r for r in csv.reader(lines(text), **kw) if r]
   if header:
     if not rows:
       raise DataError(f"{path} is empty; expected a header row")
@@ -106,7 +107,7 @@ def read_table(path) -> dict[str, list]:
   text = read_text(path)
   try:
     if fmt == "jsonl":
-      records = [json.loads(line) for line in text.splitlines() if line.strip()]
+      records = [json.loads(line) for line in lines(text) if line.strip()]
     else:
       data = json.loads(text)
       if isinstance(data, dict):
@@ -127,7 +128,7 @@ def read_conll(path, *, encoding: str = "utf-8-sig") -> list[tuple[list[str], li
   sentence after them are skipped."""
   text = read_text(path, encoding)
   sentences, words, tags = [], [], []
-  for n, line in enumerate(text.splitlines(), 1):
+  for n, line in enumerate(lines(text), 1):
     fields = line.split()
     if not fields:
       if words:
@@ -146,5 +147,14 @@ def read_conll(path, *, encoding: str = "utf-8-sig") -> list[tuple[list[str], li
 
 
 def read_lines(path, encoding: str = "utf-8-sig") -> list[str]:
-  """Non-empty lines of a one-example-per-line file, right-stripped of the newline only."""
-  return [line for line in read_text(path, encoding).splitlines() if line.strip()]
+  """Non-empty lines of a one-example-per-line file."""
+  return [line for line in lines(read_text(path, encoding)) if line.strip()]
+
+
+def lines(text: str) -> list[str]:
+  """Splits on \n (and \r\n) only: str.splitlines would also split inside a text at U+0085,
+  U+2028 or \x0c, which latin-1 files and web text contain."""
+  out = text.split("\n")
+  if out and out[-1] == "":
+    out.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in out]

@@ -155,7 +155,7 @@ def load(data_config, splits: Sequence[str]) -> tuple[TaskInfo, dict[str, Exampl
   task = get(data_config.name)
   if task.name in _CUSTOM:
     return _CUSTOM[task.name](task, data_config, splits)
-  data_dir = _cfg(data_config, "data_dir", "")
+  data_dir = cfg_get(data_config, "data_dir", "")
   if data_dir:
     data_dir = pathlib.Path(data_dir).expanduser()
     if not data_dir.is_dir():
@@ -177,7 +177,7 @@ def load(data_config, splits: Sequence[str]) -> tuple[TaskInfo, dict[str, Exampl
   return task.info(), out
 
 
-def _cfg(cfg, key, default):
+def cfg_get(cfg, key, default):
   try:
     value = cfg[key]
   except (KeyError, AttributeError):
@@ -243,7 +243,10 @@ def encode_labels(ex: Examples, kind: str, label_names: Sequence[str]) -> Exampl
   if len(ex.labels) != len(ex):
     raise DataError(f"{ex.source}: {len(ex.labels)} labels for {len(ex)} examples")
   if kind == "classification":
-    labels = [class_id(v, label_names, f"{ex.source}, row {i}") for i, v in enumerate(ex.labels)]
+    fast = {**{str(i): i for i in range(len(label_names))}, **{n: i for i, n in
+                                                                enumerate(label_names)}}
+    labels = [fast[v] if isinstance(v, str) and v in fast else
+              class_id(v, label_names, f"{ex.source}, row {i}") for i, v in enumerate(ex.labels)]
   elif kind == "regression":
     labels = []
     for i, v in enumerate(ex.labels):
@@ -264,7 +267,7 @@ def encode_labels(ex: Examples, kind: str, label_names: Sequence[str]) -> Exampl
 
 
 def check_texts(ex: Examples) -> None:
-  """Every text (or sentence) must be non-empty: an empty one would be [CLS][SEP] and teach nothing."""
+  """Every text (or sentence) must be non-empty: an empty one is [CLS][SEP] and teaches nothing."""
   if ex.words is not None:
     for i, w in enumerate(ex.words):
       if not w:
