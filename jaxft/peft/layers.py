@@ -28,9 +28,11 @@ class PeftSpec:
   lora_rank: r of LoRA, W x + (alpha / r) B A x (Hu et al. 2021); 0 disables LoRA.
   lora_alpha: alpha; the scale is alpha / r, or alpha / sqrt(r) with `rslora` (Kalajdzievski 2023).
   lora_dropout: dropout on the LoRA branch input.
-  lora_targets: regex searched in the Dense module's name ("query", "value", "intermediate", ...).
+  lora_targets: regex searched in the Dense module's '/'-joined path inside the model
+    ("query|value" matches .../self/query; "intermediate" matches .../intermediate/dense;
+    "output/dense" matches both the attention-output and the FFN-output projection of BERT).
   dora: DoRA (Liu et al. 2024): W' = m * (W + s B A) / ||W + s B A||_col, m initialised to ||W||_col.
-  ia3_targets: regex of Dense names whose outputs (IA)^3 rescales by a learned vector l (init 1).
+  ia3_targets: regex of Dense paths whose outputs (IA)^3 rescales by a learned vector l (init 1).
   adapter_size: bottleneck width of adapters; 0 disables them.
   adapter_kind: "houlsby" (after attention and after FFN) or "pfeiffer" (after FFN only).
   prefix_length: number of learned key/value vectors prepended in every self-attention layer.
@@ -49,11 +51,11 @@ class PeftSpec:
   prefix_length: int = 0
   prompt_length: int = 0
 
-  def lora_on(self, name: str) -> bool:
-    return self.lora_rank > 0 and bool(re.search(self.lora_targets, name))
+  def lora_on(self, path: str) -> bool:
+    return self.lora_rank > 0 and bool(re.search(self.lora_targets, path))
 
-  def ia3_on(self, name: str) -> bool:
-    return bool(self.ia3_targets) and bool(re.search(self.ia3_targets, name))
+  def ia3_on(self, path: str) -> bool:
+    return bool(self.ia3_targets) and bool(re.search(self.ia3_targets, path))
 
   @property
   def lora_scale(self) -> float:
@@ -61,8 +63,27 @@ class PeftSpec:
     return self.lora_alpha / (math.sqrt(r) if self.rslora else r)
 
 
+# LoRA's A as in Hugging Face PEFT (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)),
+# so learning rates tuned there transfer. B starts at zero, so LoRA starts at the pretrained W.
+_LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _lora_params(module: nn.Module, in_features: int, features: int, dtype):
+  r = module.peft.lora_rank
+  a = module.param("lora_a", _LORA_A_INIT, (in_features, r), dtype)
+  b = module.param("lora_b", nn.initializers.zeros, (r, features), dtype)
+  return a, b
+
+
 class Dense(nn.Module):
-  """nn.Dense with optional LoRA / DoRA / (IA)^3 on top; param names `kernel` [in, out] and `bias`."""
+  """nn.Dense with optional LoRA / DoRA / (IA)^3 on top; param names `kernel` [in, out] and `bias`.
+
+  Targets are chosen by regex over the module's path ("encoder/layer_0/attention/self/query").
+  LoRA: y = x W + s (dropout(x) A) B + b, A [in, r], B [r, out], s = lora_scale.
+  DoRA: y = x (m * V / ||V||_c) + b with V = W + s A B and ||.||_c the norm of each output column
+  (no dropout on this path: the DoRA kernel is formed before the matmul).
+  (IA)^3: the output above times l [out]. `jaxft.peft.merge` folds all three into kernel and bias.
+  """
 
   features: int
   peft: PeftSpec = PeftSpec()
@@ -78,31 +99,26 @@ class Dense(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             if self.use_bias else None)
     dtype = self.dtype or x.dtype
-    name = self.name or ""
-    lora = self.peft.lora_on(name)
+    path = "/".join(self.path) or self.name or ""
+    lora = self.peft.lora_on(path)
     if lora and self.peft.dora:
-      a = self.param("lora_a", nn.initializers.kaiming_uniform(), (in_features, self.peft.lora_rank),
-                     self.param_dtype)
-      b = self.param("lora_b", nn.initializers.zeros, (self.peft.lora_rank, self.features),
-                     self.param_dtype)
+      a, b = _lora_params(self, in_features, self.features, self.param_dtype)
       merged = kernel + self.peft.lora_scale * (a @ b)
-      # Column norm over the input axis; the magnitude starts at ||W|| so DoRA starts at W.
+      # Column norm over the input axis. Initialised from this (random) kernel; after pretrained
+      # weights are loaded, jaxft.peft.init_dora resets m to ||W0||_c so DoRA starts at W0.
       m = self.param("dora_m", lambda _, w: jnp.linalg.norm(w, axis=0), kernel)
       kernel = merged * (m / jnp.linalg.norm(merged, axis=0))
       y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
     else:
       y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
       if lora:
-        a = self.param("lora_a", nn.initializers.kaiming_uniform(),
-                       (in_features, self.peft.lora_rank), self.param_dtype)
-        b = self.param("lora_b", nn.initializers.zeros, (self.peft.lora_rank, self.features),
-                       self.param_dtype)
+        a, b = _lora_params(self, in_features, self.features, self.param_dtype)
         h = nn.Dropout(self.peft.lora_dropout)(x, deterministic=deterministic)
         y = y + self.peft.lora_scale * jnp.dot(jnp.dot(h.astype(dtype), a.astype(dtype)),
                                                b.astype(dtype))
     if bias is not None:
       y = y + bias.astype(dtype)
-    if self.peft.ia3_on(name):
+    if self.peft.ia3_on(path):
       y = y * self.param("ia3", nn.initializers.ones, (self.features,), self.param_dtype).astype(dtype)
     return y
 
