@@ -30,6 +30,8 @@ It runs deterministically (dropout off). Batch keys the term reads besides the s
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from typing import Mapping, Sequence, Union
 
@@ -44,6 +46,7 @@ from jaxft.train.state import Flat, flatten, unflatten
 
 TEACHER_PREFIX = "teacher/"
 PROJ = "distill_proj"
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 LayerMap = Union[str, Sequence[int]]
 
 
@@ -100,6 +103,61 @@ def strip_distill_params(flat: Flat) -> Flat:
   return {k: v for k, v in flat.items() if not k.startswith(PROJ + "/")}
 
 
+def _with_num_layers(config, n: int):
+  """A copy of a model config with n layers: an ArchConfig-like dataclass (`num_layers`), a
+  transformers config (`num_hidden_layers`, DistilBERT's `n_layers`) or a plain dict."""
+  if dataclasses.is_dataclass(config) and hasattr(config, "num_layers"):
+    return dataclasses.replace(config, num_layers=n)
+  for field in ("num_layers", "num_hidden_layers", "n_layers"):
+    if isinstance(config, Mapping) and field in config:
+      return {**config, field: n}
+    if not isinstance(config, Mapping) and hasattr(config, field):
+      out = copy.deepcopy(config)
+      setattr(out, field, n)
+      return out
+  raise TypeError(f"cannot set the layer count of a {type(config).__name__}; expected a field "
+                  "num_layers, num_hidden_layers or n_layers")
+
+
+def _num_layers(config) -> int:
+  for field in ("num_layers", "num_hidden_layers", "n_layers"):
+    value = config.get(field) if isinstance(config, Mapping) else getattr(config, field, None)
+    if value is not None:
+      return int(value)
+  raise TypeError(f"{type(config).__name__} has no num_layers / num_hidden_layers / n_layers")
+
+
+def student_from_teacher_layers(teacher_params, teacher_config, layers: Sequence[int]):
+  """A student of the teacher's family built from a subset of its layers (DistilBERT initialises
+  from every other BERT layer; Sanh et al. 2019) -> (student params, student config).
+
+  Teacher layer layers[j] becomes student layer j (params under ".../layer_<i>/" renamed);
+  everything outside the layers (embeddings, pooler, head, MPNet's shared relative-position bias)
+  is copied. The config is the teacher's with the new layer count. Params may be nested or flat;
+  the result has the same form.
+  """
+  layers = [int(i) for i in layers]
+  n_teacher = _num_layers(teacher_config)
+  if not layers or len(set(layers)) != len(layers) or any(not 0 <= i < n_teacher for i in layers):
+    raise ValueError(f"layers={layers}: need distinct teacher layer indices in 0..{n_teacher - 1}")
+  flat_in = _is_flat(teacher_params)
+  flat = dict(teacher_params) if flat_in else flatten(teacher_params)
+  out, seen = {}, set()
+  for path, value in flat.items():
+    hit = re.search(r"(^|/)layer_(\d+)/", path)
+    if hit is None:
+      out[path] = value
+      continue
+    i = int(hit.group(2))
+    seen.add(i)
+    if i in layers:
+      new = f"{hit.group(1)}layer_{layers.index(i)}/"
+      out[path[:hit.start()] + new + path[hit.end():]] = value
+  if seen != set(range(n_teacher)):
+    raise ValueError(f"teacher params hold layers {sorted(seen)} but its config says {n_teacher}")
+  return (out if flat_in else unflatten(out)), _with_num_layers(teacher_config, len(layers))
+
+
 def distill_extras(teacher_params) -> dict:
   """State extras holding the frozen teacher: `TrainState.create(..., extras=distill_extras(tp))`."""
   return {"teacher": flatten(teacher_params) if not _is_flat(teacher_params) else dict(teacher_params)}
@@ -116,13 +174,17 @@ def student_batch(batch) -> dict:
 
 
 def teacher_batch(batch) -> dict:
-  """The teacher's view: its own "teacher/<key>" inputs when present, else the student's inputs."""
+  """The teacher's view: its own "teacher/<key>" inputs (and the student's non-token keys such as
+  labels and example_mask) when present, else the student's batch."""
   own = {k[len(TEACHER_PREFIX):]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
   base = student_batch(batch)
   if own and "input_ids" not in own:
     raise ValueError(f"batch has teacher keys {sorted(own)} but no 'teacher/input_ids'; a teacher "
                      "with its own tokenizer needs its own input_ids (and attention_mask)")
-  return {**base, **own} if own else base
+  if not own:
+    return base
+  # The student's token-level inputs do not describe the teacher's tokens: drop them all.
+  return {**{k: v for k, v in base.items() if k not in TOKEN_INPUTS}, **own}
 
 
 def add_teacher_logits(teacher_apply, teacher_params, batch) -> dict:

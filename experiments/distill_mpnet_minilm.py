@@ -1,0 +1,69 @@
+"""Task-specific distillation: a fine-tuned MPNet-base teacher (110M) into a 6-layer student.
+
+    # 1. the teacher: fine-tune MPNet-base on the task and export it
+    jaxft train --config experiments/glue_small.py:sst2,mpnet-base --workdir workdirs/sst2-mpnet
+    # 2a. MiniLM-L6 student (own tokenizer: logit distillation, teacher logits cached once)
+    jaxft train --config experiments/distill_mpnet_minilm.py:sst2 --workdir workdirs/kd-minilm \
+        --config.distill.teacher=workdirs/sst2-mpnet/export
+    # 2b. DistilBERT-style student: every other MPNet layer, plus TinyBERT hidden/attention transfer
+    jaxft train --config experiments/distill_mpnet_minilm.py:sst2,layers --workdir workdirs/kd-mp6 \
+        --config.distill.teacher=workdirs/sst2-mpnet/export
+
+Arg: "<task>[,layers]", task in sst2, mrpc, cola, rte, stsb. Loss (Hinton et al. 2015):
+alpha * CE + (1 - alpha) * T^2 * KL(teacher / T || student / T) with alpha 0.5, T 2; "layers" adds
+the TinyBERT (Jiao et al. 2020) terms: MSE of projected hidden states and of attention maps, on
+the uniform layer map (student layer i <- teacher layer 2i + 1) with the student initialised from
+teacher layers 0, 2, ..., 10 (DistilBERT's initialisation, Sanh et al. 2019). The MiniLM student
+uses its own WordPiece tokenizer, so only logits can be matched (sequence positions differ).
+
+Published numbers (../shared/REFERENCES.md; BERT-base teachers, GLUE dev):
+| model                       | SST-2 | MRPC | CoLA | RTE  | STS-B | note |
+| BERT-base (DistilBERT paper) | 92.7 | 88.6 | 56.3 | 69.3 | 89.0 | teacher |
+| DistilBERT (6 layers)        | 91.3 | 87.5 | 51.3 | 59.9 | 86.9 | GLUE 77.0 vs 79.5: 97% kept, 40% fewer params |
+| MiniLM-L6-H384 (fine-tuned)  | 91.5 | 88.9 | 47.5 | 68.8 | -    | MiniLM README |
+TinyBERT4 keeps 96.8% of BERT-base at 7.5x smaller. Expect the distilled MiniLM to land at or a
+little above its plain fine-tuned number (experiments/glue_small.py:<task>).
+"""
+
+from jaxft.config import base_config
+
+TASKS = ("sst2", "mrpc", "cola", "rte", "stsb")
+GRID = {f"{t}{v}": f"{t}{v}" for t in TASKS for v in ("", ",layers")}
+PAPER = {  # DistilBERT paper, GLUE dev (DistilBERT student of BERT-base)
+    ("sst2", "accuracy"): 91.3, ("mrpc", "f1"): 87.5, ("cola", "mcc"): 51.3,
+    ("rte", "accuracy"): 59.9, ("stsb", "pearson"): 86.9,
+}
+
+
+def get_config(arg=None):
+  task, _, variant = (arg or "sst2").partition(",")
+  if task not in TASKS:
+    raise ValueError(f"distill_mpnet_minilm: unknown task {task!r}; choose one of {', '.join(TASKS)}")
+  if variant not in ("", "layers"):
+    raise ValueError(f"distill_mpnet_minilm: unknown variant {variant!r}; use '<task>' or "
+                     "'<task>,layers'")
+  c = base_config()
+  c.data.name = task
+  c.data.data_dir = "../shared/data/glue"
+  c.data.max_length = 128
+  c.train.batch_size = 32
+  c.train.num_epochs = 5.0 if task == "mrpc" else 3.0
+  c.train.warmup_ratio = 0.1
+  c.distill.teacher = ""  # required: the fine-tuned teacher (--config.distill.teacher=...)
+  c.distill.alpha = 0.5
+  c.distill.temperature = 2.0
+  c.distill.layer_map = "uniform"
+  if variant == "layers":
+    c.model.name = "mpnet-base"  # student family = teacher family, built from its layers
+    c.distill.student_layers = "0,2,4,6,8,10"
+    c.distill.hidden_weight = 1.0
+    c.distill.attention_weight = 1.0
+    c.distill.own_tokenizer = False
+    c.distill.cache_teacher_logits = False
+    c.train.learning_rate = 5e-5
+  else:
+    c.model.name = "minilm-l6"
+    c.distill.own_tokenizer = True
+    c.distill.cache_teacher_logits = True
+    c.train.learning_rate = 1e-4
+  return c
