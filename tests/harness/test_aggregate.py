@@ -1,0 +1,90 @@
+"""Aggregation: mean / sample sd / bootstrap CI against numpy and scipy; tables in three formats."""
+
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from jaxft.harness import aggregate, tables
+
+VALUES = [0.91, 0.93, 0.92, 0.95, 0.90]
+
+
+def test_summary_matches_numpy_and_scipy():
+  s = aggregate.summarize(VALUES)
+  assert s.n == 5
+  assert s.mean == pytest.approx(np.mean(VALUES), abs=1e-15)
+  assert s.sd == pytest.approx(np.std(VALUES, ddof=1), abs=1e-15)
+  # hand: deviations -.012 .008 -.002 .028 -.022 -> squares sum 0.00148 -> /4 -> sd 0.0192353...
+  assert s.sd == pytest.approx(math.sqrt(0.00148 / 4), rel=1e-12)
+  ref = scipy.stats.bootstrap((np.array(VALUES),), np.mean, confidence_level=0.95,
+                              n_resamples=10_000, method="percentile",
+                              rng=np.random.default_rng(0), vectorized=True)
+  assert s.ci_low == pytest.approx(ref.confidence_interval.low, abs=1e-12)
+  assert s.ci_high == pytest.approx(ref.confidence_interval.high, abs=1e-12)
+  assert s.ci_low <= s.mean <= s.ci_high
+
+
+def test_bootstrap_is_seeded_and_collapses_for_constant_values():
+  assert aggregate.bootstrap_ci(VALUES) == aggregate.bootstrap_ci(VALUES)
+  assert aggregate.bootstrap_ci(VALUES, seed=1) != aggregate.bootstrap_ci(VALUES, seed=0)
+  assert aggregate.bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
+  one = aggregate.summarize([0.7])
+  assert one.n == 1 and math.isnan(one.sd) and (one.ci_low, one.ci_high) == (0.7, 0.7)
+
+
+def test_bad_values_fail_clearly():
+  with pytest.raises(ValueError, match="no values"):
+    aggregate.summarize([])
+  with pytest.raises(ValueError, match="non-finite"):
+    aggregate.summarize([0.5, float("nan")])
+
+
+def _results(seed, acc, f1):
+  return {"experiment": "x", "seed": seed, "main_metric": "accuracy",
+          "eval": {"accuracy": acc, "f1": f1}, "best": {"accuracy": acc + 0.01, "f1": f1}}
+
+
+def test_cells_scale_to_percent_and_diff_against_paper():
+  rows = {"rte": [_results(0, 0.60, 0.5), _results(1, 0.70, 0.6)],
+          "mrpc": [_results(0, 0.80, 0.85), _results(1, 0.84, 0.87)]}
+  paper = {("rte", "accuracy"): 64.76, ("mrpc", "f1"): 88.97}
+  cells = aggregate.build_cells(rows, paper)
+  assert [(c.row, c.metric) for c in cells] == [("rte", "accuracy"), ("mrpc", "accuracy"),
+                                                 ("mrpc", "f1")]
+  rte = cells[0]
+  assert rte.scale == 100 and rte.summary.mean == pytest.approx(65.0)
+  assert rte.summary.sd == pytest.approx(100 * np.std([0.6, 0.7], ddof=1))
+  assert rte.diff == pytest.approx(65.0 - 64.76)
+  # one factor for the whole table: a row without a paper value is in percent too
+  assert cells[1].paper is None and cells[1].scale == 100 and cells[1].summary.mean == pytest.approx(82)
+  assert cells[2].summary.mean == pytest.approx(86.0) and cells[2].diff == pytest.approx(86 - 88.97)
+  best = aggregate.build_cells(rows, paper, which="best", units="raw")
+  assert best[0].summary.mean == pytest.approx(0.66)
+  assert aggregate.auto_scale([cells[0].summary], [None]) == 1.0  # no paper in percent
+  loss = {"rte": [{"main_metric": "loss", "eval": {"loss": 1.7}}]}
+  assert aggregate.build_cells(loss, {("rte", "loss"): 2.0})[0].scale == 1.0  # not a fraction
+  with pytest.raises(KeyError, match="not in results"):
+    aggregate.build_cells(rows, metric="mcc")
+
+
+def test_tables_markdown_latex_csv(tmp_path):
+  rows = {"rte_x": [_results(0, 0.60, 0.5), _results(1, 0.70, 0.6)]}
+  cells = aggregate.build_cells(rows, {("rte_x", "accuracy"): 64.76})
+  md = tables.markdown(cells)
+  line = [l for l in md.splitlines() if l.startswith("| rte_x")][0]
+  assert "65.00 ± 7.07" in line and "64.76" in line and "+0.24" in line and "| 2 |" in line
+  lo, hi = cells[0].summary.ci_low, cells[0].summary.ci_high
+  assert f"[{lo:.2f}, {hi:.2f}]" in line
+  tex = tables.latex(cells)
+  assert r"rte\_x & accuracy ($\times$100) & 2 & 65.00 $\pm$ 7.07" in tex
+  assert tex.count(r"\toprule") == 1 and tex.rstrip().endswith(r"\end{table}")
+  parsed = list(csv.DictReader(io.StringIO(tables.csv_text(cells))))
+  assert float(parsed[0]["mean"]) == cells[0].summary.mean
+  assert [float(v) for v in parsed[0]["values"].split(";")] == [60.0, 70.0]
+  paths = tables.write_all(cells, tmp_path)
+  assert paths["md"].read_text() == tables.markdown(cells)
+  assert tables._tex_escape("a_b&c%\\") == r"a\_b\&c\%\textbackslash{}"
