@@ -112,12 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  for noisy in ("absl", "orbax", "jax._src"):  # orbax logs every save step at INFO
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   if rest and args.command not in ("train", "table", "bench"):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   try:
+    if args.command in ("train", "eval", "export", "table"):
+      from jaxft.train import distributed
+      distributed.initialize()  # joins a multi-host job; a no-op on one process
     return args.fn(args, rest)
   except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError, TypeError,
           AttributeError, FloatingPointError) as e:

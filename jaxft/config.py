@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
       bucket_boundaries="",  # "" = powers of two up to max_length
       labeled_per_class=0,  # > 0: semi-supervised, k labels per class, rest unlabeled
       unlabeled_ratio=0,  # mu: unlabeled rows per labeled row in a batch
+      strong_augment="token_strong",  # FixMatch / UDA strong view of unlabeled rows (token policy)
       cache_dir="",
   ))
 
@@ -82,6 +83,12 @@ def base_config() -> ml_collections.ConfigDict:
       early_stopping_metric="",  # "" = the task's main metric
       early_stopping_patience=0,  # evals without improvement before stopping; 0 = never stop
       progress=True,
+      ema_decay=0.0,  # > 0: keep an EMA of the trainable params (e.g. 0.999)
+      swa_start=-1,  # >= 0: SWA running mean of the params from this step ...
+      swa_every=1,  # ... every this many steps
+      eval_with="params",  # params / ema / swa: which weights eval (and results) use
+      plateau_factor=0.5,  # schedule=plateau: lr scale multiplied by this ...
+      plateau_patience=2,  # ... after this many evals without improvement
   ))
 
   c.peft = ml_collections.ConfigDict(dict(
@@ -104,6 +111,39 @@ def base_config() -> ml_collections.ConfigDict:
   from jaxft.objectives import registry  # late: objectives import this module's users
   for name, opts in sorted(registry.defaults().items()):
     c.objective[name] = ml_collections.ConfigDict(opts)
+
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher="",  # a fine-tuned teacher (HF dir, e.g. an exported jaxft run); "" = no distillation
+      alpha=0.5,  # weight of the hard-label CE; 1 - alpha goes to the T^2-scaled KL
+      temperature=2.0,
+      hidden_weight=0.0,  # TinyBERT hidden-state MSE through a learned projection
+      attention_weight=0.0,  # attention-map MSE
+      layer_map="uniform",  # uniform / last / first / explicit "1,3,5"
+      attention_heads="match",
+      student_layers="",  # e.g. "0,2,4,6,8,10": student = these teacher layers (model.name ignored)
+      own_tokenizer=False,  # teacher tokenizes with its own tokenizer (needs cache_teacher_logits)
+      cache_teacher_logits=True,  # run the teacher once over the train set, before training
+  ))
+
+  c.prune = ml_collections.ConfigDict(dict(
+      method="",  # "" = dense; magnitude / movement / soft_movement
+      final_sparsity=0.9,  # fraction of encoder weights removed at the end
+      initial_sparsity=0.0,
+      begin_fraction=0.1,  # cubic schedule from this fraction of training ...
+      end_fraction=0.8,  # ... to this one
+      frequency=100,  # steps between mask updates
+      scope="global",  # global / layer
+      score_init=0.0,
+      score_learning_rate=1e-2,  # movement scores' learning rate (no weight decay)
+      soft_threshold=0.1,  # soft movement: tau
+      l1_weight=400.0,  # soft movement: lambda of the score L1 penalty
+  ))
+
+  c.quant = ml_collections.ConfigDict(dict(
+      method="",  # "" = none; ptq_int8 (after training) / qat_int8 (fake-quant while training)
+      embeddings=False,  # also quantize embedding tables
+      exclude="",  # regex of params to keep in float
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # devices on the data axis; -1 = all that the other axes leave

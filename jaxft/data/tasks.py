@@ -282,11 +282,13 @@ def check_texts(ex: Examples) -> None:
 
 
 def seeded_split(n: int, heldout_fraction: float, seed: int = SPLIT_SEED):
-  """(train indices, held-out indices), each sorted: a permutation by numpy default_rng(seed);
-  the first round(n * fraction) indices are held out. Files keep their order inside each part."""
+  """(train indices, held-out indices) of a numpy default_rng(seed) permutation; the first
+  round(n * fraction) are held out. Both parts stay in permuted order, so that the first rows
+  (data.max_train_examples / max_eval_examples) are a random sample even of a file sorted by
+  label, as the movie-review file is."""
   perm = np.random.default_rng(seed).permutation(n)
   k = int(round(n * heldout_fraction))
-  return np.sort(perm[k:]), np.sort(perm[:k])
+  return perm[k:], perm[:k]
 
 
 def subset_per_class(labels: Sequence[int], k: int, num_labels: int, seed: int):

@@ -1,7 +1,11 @@
 """Evaluation: a jitted forward over every eval example once, then metrics on the host.
 
 The forward is jitted once per bucket shape; predictions and labels come back to the host, padding
-rows (example_mask = 0) are dropped, and `jaxft.eval.metrics.compute` names the numbers.
+rows (example_mask = 0) are dropped, and `jaxft.eval.metrics.compute` names the numbers. Token
+classification (NER) is scored over words, as conlleval does: each word takes its first
+sub-token's prediction (`pipeline.WordAlignment`), and truncated words count as "O".
+The weights evaluated are `Setup.eval_params` (EMA / SWA when train.eval_with says so, pruning
+masks applied); `int8_metrics` scores the same weights after post-training int8 quantization.
 """
 
 from __future__ import annotations
@@ -13,48 +17,63 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxft.eval import metrics as metrics_lib
 from jaxft.train import mesh as mesh_lib
-from jaxft.train.state import merge_params
-
-
-def predictions_from_logits(kind: str, logits: np.ndarray) -> np.ndarray:
-  """classification: argmax [B]; regression: logits[:, 0] [B]; token classification: argmax [B, S]."""
-  if kind == "regression":
-    return logits[..., 0]
-  return np.argmax(logits, axis=-1)
-
-
-def make_eval_fn(apply_fn, mesh):
-  replicated = NamedSharding(mesh, P())
-
-  def forward(trainable, frozen, batch):
-    out = apply_fn(merge_params(trainable, frozen), batch, deterministic=True)
-    return out.logits.astype(jnp.float32)
-
-  return jax.jit(forward, out_shardings=replicated)
+from jaxft.train.state import flatten
 
 
 class Evaluator:
+  """Scores one eval split (data.eval_split; the first of a comma-separated list by default).
 
-  def __init__(self, setup, split: str | None = None):
+  forward(state, batch) -> logits may replace the default (the training forward on eval_params).
+  """
+
+  def __init__(self, setup, split: str | None = None, forward=None):
     self.setup = setup
-    self.split = split or setup.config.data.eval_split
+    self.split = split or str(setup.config.data.eval_split).split(",")[0].strip()
     if self.split not in setup.data.eval:
       raise KeyError(f"no eval split {self.split!r}; the task has {sorted(setup.data.eval)}")
-    self._fn = make_eval_fn(setup.model.apply, setup.mesh)
+    if forward is None:
+      apply_fn = setup.apply_fn or setup.model.apply
+      jitted = jax.jit(
+          lambda tr, fr, ex, b: apply_fn(setup.eval_params(tr, fr, ex), b,
+                                         deterministic=True).logits.astype(jnp.float32),
+          out_shardings=NamedSharding(setup.mesh, P()))
+      forward = lambda state, batch: jitted(state.trainable, state.frozen, state.extras, batch)
+    self._forward = forward
 
   def logits_and_labels(self, state):
-    """-> (logits [N, ...] float32, labels [N, ...]) over the real examples of the split, in order."""
+    """-> (logits, labels) over the real examples of the split, in order: arrays [N, ...] for
+    sequence tasks, per-example lists of [S_i, ...] rows for token classification (buckets differ
+    in length)."""
     all_logits, all_labels = [], []
     for batch in self.setup.data.eval[self.split]():
       keep = np.asarray(batch["example_mask"]) > 0
       device_batch = mesh_lib.put_batch(batch, self.setup.mesh)
-      logits = np.asarray(jax.device_get(self._fn(state.trainable, state.frozen, device_batch)))
-      all_logits.append(logits[keep])
-      all_labels.append(np.asarray(batch["labels"])[keep])
-    return np.concatenate(all_logits), np.concatenate(all_labels)
+      logits = np.asarray(jax.device_get(self._forward(state, device_batch)))
+      all_logits.extend(logits[keep])
+      all_labels.extend(np.asarray(batch["labels"])[keep])
+    if self.setup.data.info.kind == "token_classification":
+      return all_logits, all_labels
+    return np.stack(all_logits), np.stack(all_labels)
 
   def evaluate(self, state) -> dict:
     info = self.setup.data.info
     logits, labels = self.logits_and_labels(state)
-    preds = predictions_from_logits(info.kind, logits)
+    if info.kind == "token_classification":
+      token_preds = [np.argmax(x, axis=-1) for x in logits]
+      words = self.setup.data.ner[self.split]
+      return metrics_lib.compute(info, words.word_predictions(token_preds), words.gold)
+    preds = metrics_lib.predictions_from_logits(info.kind, logits)
     return metrics_lib.compute(info, preds, labels)
+
+
+def int8_metrics(setup, state) -> dict:
+  """Post-training int8 (per-channel symmetric) quantization of the evaluated weights:
+  {"eval": metrics on int8 weights, "size": jaxft.quant.int8.size_report}."""
+  from jaxft.quant import int8
+  params = jax.jit(setup.eval_params)(state.trainable, state.frozen, state.extras)
+  flat = jax.device_get(flatten(params))
+  qflat = int8.quantize_params(flat, setup.quant_spec or int8.QuantSpec())
+  apply = int8.quantized_apply(setup.model.apply)
+  jitted = jax.jit(lambda q, b: apply(q, b, deterministic=True).logits.astype(jnp.float32))
+  metrics = Evaluator(setup, forward=lambda _, batch: jitted(qflat, batch)).evaluate(state)
+  return {"eval": metrics, "size": int8.size_report(flat, qflat)}

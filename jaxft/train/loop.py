@@ -146,7 +146,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
     if restored is not None:
       saved_state, meta = restored
       state = s.from_checkpointable(saved_state)
-      s.data.train.check_resumable(meta["data"])
+      s.data.train.from_state_dict(meta["data"])  # refuses a checkpoint made on other data
       start_step = int(meta["step"])
       best_value, best_metrics, best_step = meta.get("best_value"), meta.get("best"), meta.get(
           "best_step")
@@ -163,6 +163,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   rng = jax.random.key(config.seed)
   progress = Progress(s.total_steps, start_step, enabled=config.train.progress)
   last_skipped, last_log_step = 0.0, start_step
+  last_train = None
   evals_without_gain = 0
   if history_eval and best_step is not None:
     evals_without_gain = sum(1 for e in history_eval if e["step"] > best_step)
@@ -172,7 +173,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   eval_metrics = history_eval[-1]["metrics"] if history_eval else None
 
   def meta_for(step):
-    return {"step": step, "data": s.data.train.state_dict(step), "best_value": best_value,
+    return {"step": step, "data": {**s.data.train.state_dict(), "step": step},
+            "best_value": best_value,
             "best": best_metrics, "best_step": best_step, "evals": history_eval,
             "base_model": config.model.name}
 
@@ -195,6 +197,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
         last_skipped, last_log_step = skipped, step
         host["examples_per_s"] = steps_run * config.train.batch_size / (time.time() - t_loop)
         writer.write("train", step, host)
+        last_train = host
         progress.update(step, {"loss": host["loss"], "lr": host["lr"]}, n=0)
       progress.update(step, None)
 
@@ -208,6 +211,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
         if value is None:
           raise KeyError(f"early-stopping metric {main_metric!r} is not among the eval metrics "
                          f"{sorted(eval_metrics)}; set train.early_stopping_metric to one of them")
+        if config.train.schedule == "plateau":
+          from jaxft.train.averaging import plateau_observe
+          state = state.replace(opt_state=plateau_observe(
+              state.opt_state, float(value), mode=mode, factor=config.train.plateau_factor,
+              patience=config.train.plateau_patience))
         improved = _is_better(value, best_value, mode)
         if improved:
           best_value, best_metrics, best_step = value, eval_metrics, step
@@ -239,6 +247,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   progress.close()
   if last_eval_step is None and eval_metrics is None:
     eval_metrics = evaluator.evaluate(state)
+  quant = None
+  if config.quant.method == "ptq_int8":
+    from jaxft.train.evaluate import int8_metrics
+    quant = int8_metrics(s, state)
+    log.info("int8 (post-training) eval %s, %.1fx smaller", json.dumps(quant["eval"]),
+             quant["size"]["ratio"])
   wall = time.time() - t_start
   results = {
       "experiment": config.experiment,
@@ -258,7 +272,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
                                if steps_run else None),
       "data": {k: v for k, v in s.data.stats.items() if isinstance(v, (int, float, str))},
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "eval_with": config.train.eval_with,
+      "last_train": last_train,
   }
+  if quant is not None:
+    results["int8"] = quant
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   writer.write("info", step, {"done": 1, "wall_time_s": wall})
   writer.close()

@@ -91,10 +91,19 @@ def scale_by_multipliers(mults: Flat) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int):
-  """-> (tx, schedule) for the flat trainable dict."""
+SCORES = "prune_scores/"
+
+
+def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int, *,
+                   score_learning_rate: float = 0.0, plateau_mode: str = "max"):
+  """-> (tx, schedule) for the flat trainable dict.
+
+  Movement-pruning scores ("prune_scores/...") get their own learning rate (score_learning_rate,
+  following the same warmup/decay shape) and no weight decay, as in Sanh et al. 2020.
+  schedule=plateau appends a reduce-on-plateau scale (jaxft.train.averaging) the loop lowers.
+  """
   schedule = make_schedule(train_cfg, total_steps)
-  decay_mask = {k: decays(k) for k in trainable}
+  decay_mask = {k: decays(k) and not k.startswith(SCORES) for k in trainable}
   parts = []
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
@@ -102,6 +111,12 @@ def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int
                            eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay,
                            mask=decay_mask))
   mults = lr_multipliers(trainable, train_cfg, num_layers)
+  if score_learning_rate > 0:
+    mults.update({k: score_learning_rate / train_cfg.learning_rate for k in trainable
+                  if k.startswith(SCORES)})
   if any(m != 1.0 for m in mults.values()):
     parts.append(scale_by_multipliers(mults))
+  if train_cfg.schedule == "plateau":
+    from jaxft.train.averaging import plateau_scale
+    parts.append(plateau_scale(plateau_mode))
   return optax.chain(*parts), schedule

@@ -47,5 +47,6 @@ def export_workdir(workdir, out_dir, which: str = "best", merged: bool = True,
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise FileExistsError(f"{out} is not empty; choose a new --out or pass --overwrite")
-  peft.export(setup.model, state.params, out, merged=merged)
+  params = setup.eval_params(state.trainable, state.frozen, state.extras)
+  peft.export(setup.model, params, out, merged=merged)
   return out

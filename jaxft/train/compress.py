@@ -1,0 +1,142 @@
+"""Turns config.distill / config.prune / config.quant into the pieces `build_setup` assembles.
+
+Each compression method keeps its own step function (jaxft.objectives.distill.make_distill_step,
+jaxft.objectives.prune.make_prune_step); this module only reads the config, loads the teacher,
+caches its logits, and builds the pruning schedule and the quantization spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxft import assets
+from jaxft.data import batching, tokenize
+from jaxft.objectives import distill as distill_lib
+from jaxft.objectives import prune as prune_lib
+from jaxft.quant.int8 import QuantSpec
+
+log = logging.getLogger("jaxft")
+
+QUANT_METHODS = ("", "ptq_int8", "qat_int8")
+
+
+def quant_spec(quant_cfg) -> QuantSpec:
+  if quant_cfg.method not in QUANT_METHODS:
+    raise ValueError(f"unknown quant.method {quant_cfg.method!r}; known: ptq_int8, qat_int8 "
+                     "(or '' for none)")
+  emb = r"(^|/)(word|position|token_type)_embeddings/embedding$" if quant_cfg.embeddings else ""
+  # Distillation projections and pruning scores are training-only: never quantized.
+  exclude = "|".join(x for x in (quant_cfg.exclude, r"^(distill_proj|prune_scores)/") if x)
+  return QuantSpec(embeddings=emb, exclude=exclude)
+
+
+def prune_schedule(prune_cfg, total_steps: int) -> prune_lib.CubicSchedule:
+  """Zhu & Gupta's cubic schedule from begin_fraction to end_fraction of training."""
+  p = prune_cfg
+  if not 0.0 <= p.begin_fraction <= p.end_fraction <= 1.0:
+    raise ValueError(f"prune.begin_fraction={p.begin_fraction} and prune.end_fraction="
+                     f"{p.end_fraction} must satisfy 0 <= begin <= end <= 1")
+  begin = int(p.begin_fraction * total_steps)
+  end = int(p.end_fraction * total_steps)
+  freq = max(min(int(p.frequency), max(end - begin, 1)), 1)
+  return prune_lib.CubicSchedule(final=float(p.final_sparsity), initial=float(p.initial_sparsity),
+                                 begin_step=begin, num_updates=max((end - begin) // freq, 0),
+                                 frequency=freq)
+
+
+@dataclasses.dataclass
+class Teacher:
+  model: Any  # jaxft.models.Model, frozen
+  layers: tuple[int, ...] | None  # student_layers, when the student is built from the teacher
+
+
+def parse_layers(spec: str) -> tuple[int, ...] | None:
+  spec = str(spec).strip()
+  if not spec:
+    return None
+  try:
+    return tuple(int(x) for x in spec.split(","))
+  except ValueError:
+    raise ValueError(f"distill.student_layers={spec!r}: expected comma-separated layer indices "
+                     "such as '0,2,4,6,8,10'") from None
+
+
+def load_teacher(config, head: str, info, tokenizer) -> Teacher:
+  """The frozen teacher: a fine-tuned checkpoint with a head for this task."""
+  from jaxft.models import from_pretrained
+  d = config.distill
+  model = from_pretrained(assets.resolve_model(d.teacher), head=head, num_labels=info.num_labels,
+                          dtype=config.model.dtype,
+                          tokenizer=None if d.own_tokenizer else tokenizer,
+                          load_tokenizer=bool(d.own_tokenizer))
+  untrained = list(model.loading_info.missing) + [k for k, *_ in model.loading_info.mismatched]
+  if untrained:
+    raise ValueError(f"distill.teacher={d.teacher!r} has no trained {head} head for "
+                     f"{info.num_labels} labels (weights not in the checkpoint: {untrained[:3]}). "
+                     "Fine-tune the teacher on this task first and pass its exported directory")
+  return Teacher(model, parse_layers(d.student_layers))
+
+
+def student_from_teacher(teacher: Teacher, **model_kwargs):
+  """A student of the teacher's family holding teacher layers `teacher.layers` (DistilBERT's
+  initialisation); model_kwargs go to init_random (head, num_labels, peft, dtype, ...). PEFT
+  parameters the teacher lacks keep their fresh initialisation."""
+  from jaxft.models import init_random
+  from jaxft.train.state import flatten, unflatten
+  params, cfg = distill_lib.student_from_teacher_layers(teacher.model.params, teacher.model.config,
+                                                        teacher.layers)
+  student = init_random(cfg, **model_kwargs)
+  flat, taken = flatten(student.params), flatten(params)
+  wrong = [k for k, v in taken.items() if k in flat and np.shape(v) != np.shape(flat[k])]
+  if wrong:
+    raise ValueError(f"teacher weights do not fit the student built from its layers: {wrong[:3]}")
+  flat.update({k: v for k, v in taken.items() if k in flat})
+  return dataclasses.replace(student, params=unflatten(flat))
+
+
+def cache_teacher_logits(teacher: Teacher, config, data, mesh_put) -> np.ndarray | None:
+  """Teacher logits [N, C] for every train example, in dataset order; None where caching does not
+  apply (token classification; hidden-state or attention transfer needs the teacher online)."""
+  d = config.distill
+  if data.info.kind == "token_classification" or d.hidden_weight > 0 or d.attention_weight > 0:
+    if d.own_tokenizer:
+      raise ValueError("a teacher with its own tokenizer can only give sequence-level logits: "
+                       "use a sequence classification task, hidden_weight=attention_weight=0, "
+                       "or distill.own_tokenizer=False")
+    return None
+  if not d.cache_teacher_logits:
+    if d.own_tokenizer:
+      raise ValueError("distill.own_tokenizer=True needs distill.cache_teacher_logits=True (the "
+                       "teacher's tokens are prepared once, before training)")
+    return None
+  train_split = config.data.train_split or "train"
+  if d.own_tokenizer:
+    tok = teacher.model.tokenizer
+    enc = tokenize.encode(data.examples[train_split], tok, kind=data.info.kind,
+                          max_length=min(int(config.data.max_length),
+                                         int(getattr(tok, "model_max_length", 10**9))),
+                          tokenizer_id=tokenize.tokenizer_fingerprint(tok))
+  else:
+    enc = data.encoded[train_split]
+  apply = jax.jit(lambda p, b: teacher.model.apply(p, b, deterministic=True).logits)
+  out = []
+  bs = int(config.train.eval_batch_size)
+  for batch in batching.eval_batches(enc, batch_size=bs, boundaries=data.boundaries):
+    keep = np.asarray(batch["example_mask"]) > 0
+    logits = np.asarray(jax.device_get(apply(teacher.model.params, mesh_put(batch))), np.float32)
+    out.append(logits[keep])
+  logits = np.concatenate(out)
+  log.info("cached teacher logits for %d train examples", len(logits))
+  return logits
+
+
+def steps_note(total_steps: int, schedule: prune_lib.CubicSchedule) -> str:
+  return (f"pruning: sparsity 0 -> {schedule.final:.2f} over steps {schedule.begin_step}.."
+          f"{schedule.end_step} of {total_steps}, masks every {schedule.frequency} steps "
+          f"({math.floor(schedule.num_updates) + 1} updates)")
