@@ -661,6 +661,45 @@ def resolve(args) -> argparse.Namespace:
   return args
 
 
+def write_report(args, cfg, peak, rows, argv, final: bool) -> int:
+  """Writes --json and --out from the rows so far (called after every measurement, so a run
+  killed at a time limit keeps what it measured). Returns 2 on an --append device mismatch."""
+  rows = [dict(r) for r in rows]
+  meta = {"device": peak["device"], "peak_flops": peak["flops"], "peak_n": peak["n"],
+          "dtype": args.dtype, "attention": args.attention, "remat": args.remat,
+          "donate": args.donate, "attention_dropout": args.attention_dropout, "steps": args.steps,
+          "warmup": args.warmup, "versions": versions(),
+          "model": (f"BERT (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+                    f"vocab {cfg.vocab_size})" + (" [tiny]" if args.tiny else " = BERT-base")),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None
+                                                                   else argv)}
+  json_path = pathlib.Path(args.json)
+  if args.append and json_path.is_file():
+    old = json.loads(json_path.read_text())
+    if old["meta"]["device"] != meta["device"]:
+      print(f"throughput.py: error: --append: {json_path} holds rows from {old['meta']['device']!r}, "
+            f"this run is on {meta['device']!r}", file=sys.stderr)
+      return 2
+    keys = {(r["seq"], r["batch"], r["impl"], r["kind"]) for r in rows}
+    rows = [r for r in old["rows"] if (r["seq"], r["batch"], r["impl"], r["kind"]) not in keys] + rows
+    rows.sort(key=lambda r: (r["seq"], r["batch"], r["impl"] != "torch eager",
+                             r["impl"] != "torch compile", r["impl"] == "host",
+                             KINDS.index(r["kind"]) if r["kind"] in KINDS else 99))
+    if not old["meta"]["command"].endswith(meta["command"]):  # partial writes of this same run
+      meta["command"] = old["meta"]["command"] + " ; " + meta["command"]
+    else:
+      meta["command"] = old["meta"]["command"]
+  derive(rows, meta["peak_flops"], cfg)
+  report = render(meta, rows)
+  if final:
+    print(report)
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(args.out).write_text(report)
+  json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+  return 0
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   if args.worker:
@@ -695,34 +734,10 @@ def main(argv=None) -> int:
                                            f"torch {task.get('mode')}" if task["what"] == "torch"
                                            else "jaxft"),
                  "kind": r.get("kind") or task.get("kind") or "supervised"})
-  meta = {"device": peak["device"], "peak_flops": peak["flops"], "peak_n": peak["n"],
-          "dtype": args.dtype, "attention": args.attention, "remat": args.remat,
-          "donate": args.donate, "attention_dropout": args.attention_dropout, "steps": args.steps,
-          "warmup": args.warmup, "versions": versions(),
-          "model": (f"BERT (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-                    f"vocab {cfg.vocab_size})" + (" [tiny]" if args.tiny else " = BERT-base")),
-          "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None
-                                                                   else argv)}
-  json_path = pathlib.Path(args.json)
-  if args.append and json_path.is_file():
-    old = json.loads(json_path.read_text())
-    if old["meta"]["device"] != meta["device"]:
-      print(f"throughput.py: error: --append: {json_path} holds rows from {old['meta']['device']!r}, "
-            f"this run is on {meta['device']!r}", file=sys.stderr)
+    if write_report(args, cfg, peak, rows, argv, final=False):
       return 2
-    keys = {(r["seq"], r["batch"], r["impl"], r["kind"]) for r in rows}
-    rows = [r for r in old["rows"] if (r["seq"], r["batch"], r["impl"], r["kind"]) not in keys] + rows
-    rows.sort(key=lambda r: (r["seq"], r["batch"], r["impl"] != "torch eager",
-                             r["impl"] != "torch compile", r["impl"] == "host",
-                             KINDS.index(r["kind"]) if r["kind"] in KINDS else 99))
-    meta["command"] = old["meta"]["command"] + " ; " + meta["command"]
-  derive(rows, meta["peak_flops"], cfg)
-  report = render(meta, rows)
-  print(report)
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(report)
-  json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+  if write_report(args, cfg, peak, rows, argv, final=True):
+    return 2
   return 1 if any("error" in r for r in rows) else 0
 
 

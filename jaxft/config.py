@@ -98,9 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
       lora_rank=8,
       lora_alpha=16.0,
       lora_dropout=0.0,
-      lora_targets="query|value",
+      # Regexes over Dense module paths; the defaults name the query/value (and for IA3 key/value
+      # and FFN output) projections of every family: BERT-likes, DistilBERT (q_lin...), MPNet (attn/q).
+      lora_targets=r"(^|/)(query|value|q_lin|v_lin|q|v)$",
       rslora=False,
-      ia3_targets="key|value|output/dense",
+      ia3_targets=r"(^|/)(key|value|k_lin|v_lin|k|v)$|(^|/)output/dense$|(^|/)ffn/lin2$",
       adapter_size=64,
       prefix_length=16,
       prompt_length=16,

@@ -149,9 +149,8 @@ def make_step(apply_fn,
     return (jax.tree_util.tree_map(lambda x: x * scale, g),
             jax.tree_util.tree_map(lambda x: x * scale, m))
 
-  def step(state: TrainState, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
-    grads, metrics = compute_grads(state, batch, rng)
+  def update(state: TrainState, grads, metrics):
+    """The optimizer update -> (new state, update norm)."""
     updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=new_trainable, opt_state=new_opt_state)
@@ -159,22 +158,27 @@ def make_step(apply_fn,
       new_state = new_state.replace(trainable=post_update(new_state.trainable, new_state))
     if update_extras is not None:
       new_state = new_state.replace(extras=update_extras(state, new_state, metrics))
+    return new_state, global_norm(updates)
 
+  def step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    grads, metrics = compute_grads(state, batch, rng)
     finite = jnp.logical_and(jnp.isfinite(metrics["loss"]), _all_finite(grads))
-    skipped = state.extras["skipped_steps"]
-    if nan_policy != "none":
-      keep_old = jnp.logical_not(finite)
-      guarded = jax.tree_util.tree_map(lambda new, old: jnp.where(keep_old, old, new),
-                                       (new_state.trainable, new_state.opt_state, new_state.extras),
-                                       (state.trainable, state.opt_state, state.extras))
-      new_state = new_state.replace(trainable=guarded[0], opt_state=guarded[1], extras=guarded[2])
-      skipped = skipped + keep_old.astype(jnp.int32)
+    if nan_policy == "none":
+      new_state, update_norm = update(state, grads, metrics)
+    else:
+      # lax.cond runs one branch: a skipped step returns the old buffers (bitwise unchanged) and a
+      # normal step pays nothing for the guard (a jnp.where select would read every param twice).
+      skip = lambda st, g, m: (st.replace(step=st.step + 1), jnp.zeros((), jnp.float32))
+      new_state, update_norm = jax.lax.cond(finite, update, skip, state, grads, metrics)
+      skipped = state.extras["skipped_steps"] + jnp.logical_not(finite).astype(jnp.int32)
       new_state = new_state.replace(extras={**new_state.extras, "skipped_steps": skipped})
+    skipped = new_state.extras["skipped_steps"]
 
     metrics = dict(metrics)
     metrics["grad_norm"] = global_norm(grads)
     metrics["param_norm"] = global_norm(new_state.trainable)
-    metrics["update_norm"] = global_norm(updates)
+    metrics["update_norm"] = update_norm
     metrics["lr"] = (lr_schedule(state.step) if lr_schedule is not None
                      else jnp.zeros((), jnp.float32))
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
