@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
       adam_b2=0.999,
       adam_eps=1e-8,
       nan_policy="skip",  # skip / error / none
+      spike_factor=0.0,  # > 0 (e.g. 10): skip updates whose grad norm > factor x recent median
+      spike_window=100,  # recent grad norms the spike guard keeps
+      spike_min_history=20,  # norms seen before the spike guard acts
       log_every=50,
       eval_every=0,  # 0 = at the end of every epoch
       checkpoint_every=0,  # 0 = at every eval

@@ -26,3 +26,22 @@ def shared_data() -> pathlib.Path:
 def minilm_dir() -> pathlib.Path:
   from jaxft import assets
   return assets.fetch("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
+  """A random 2-layer BERT (hidden 32) with MiniLM's real tokenizer, saved as a local Hugging Face
+  directory: what end-to-end tests train when the model's quality does not matter."""
+  import shutil
+
+  import torch
+  import transformers as T
+  out = tmp_path_factory.mktemp("tiny_bert")
+  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(pathlib.Path(minilm_dir) / name, out / name)
+  vocab = len(T.AutoTokenizer.from_pretrained(out))
+  torch.manual_seed(0)
+  cfg = T.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+  T.BertModel(cfg).save_pretrained(out)
+  return out

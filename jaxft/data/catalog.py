@@ -22,6 +22,8 @@ the first round(n * fraction) indices are held out), which gives:
 
 from __future__ import annotations
 
+import dataclasses
+
 import pathlib
 
 from jaxft import assets
@@ -314,7 +316,12 @@ def infer_label_names(values, num_labels: int, where: str) -> tuple[str, ...]:
         raise DataError(f"{where}: row {i} has label {v}, outside 0..{(num_labels or 1) - 1}"
                         + (f" (data.num_labels={num_labels})" if num_labels else "")
                         + ". Fix: correct the label or data.num_labels (0 = infer).")
-    return tuple(str(i) for i in range(num_labels or max(ints) + 1))
+    k = num_labels or max(ints) + 1
+    if not num_labels and k > max(10_000, 100 * len(set(ints))):
+      raise DataError(f"{where}: integer labels up to {k - 1} but only {len(set(ints))} distinct "
+                      "values: is data.label_column an id column? Fix: name the label column "
+                      "(data.label_column) or set data.num_labels.")
+    return tuple(str(i) for i in range(k))
   names = tuple(sorted({str(v).strip() for v in values}))
   if num_labels and len(names) != num_labels:
     raise DataError(f"{where}: data.num_labels={num_labels} but the labels have {len(names)} "
@@ -353,6 +360,12 @@ def _load_local(task: Task, cfg, splits):
     if first is None:
       raise DataError(f"no split has a {label_col!r} column, so the label set is unknown")
     names = infer_label_names(raw[first].labels, num_labels, raw[first].source)
+    if not all(_is_int(v) for v in raw[first].labels):
+      # String label names: read every label as its string, so an int 1 among "a", "b" is "1",
+      # not an index.
+      raw = {s: dataclasses.replace(ex, labels=None if ex.labels is None else
+                                    [None if v is None else str(v).strip() for v in ex.labels])
+             for s, ex in raw.items()}
   out = {}
   for split in splits:
     ex = encode_labels(raw[split], kind, names)

@@ -73,7 +73,13 @@ def read_delimited(path, *, delimiter: str, header: bool, quoting: bool,
   kw = {"delimiter": delimiter}
   kw.update({"quoting": csv.QUOTE_MINIMAL} if quoting else {"quoting": csv.QUOTE_NONE,
                                                             "quotechar": None})
-  rows = [r for r in csv.reader(lines(text), **kw) if r]
+  reader = csv.reader(lines(text), **kw)
+  try:
+    rows = [r for r in reader if r]
+  except csv.Error as e:  # e.g. a lone carriage return (old Mac line ends) in an unquoted field
+    raise DataError(f"{path}, line {reader.line_num}: cannot be read as "
+                    f"{'CSV' if quoting else 'TSV'} ({e}). Fix: save the file with \\n or "
+                    "\\r\\n line endings, and quote fields that hold line breaks") from None
   if header:
     if not rows:
       raise DataError(f"{path} is empty; expected a header row")
@@ -111,7 +117,7 @@ def read_table(path) -> dict[str, list]:
     else:
       data = json.loads(text)
       if isinstance(data, dict):
-        return {k: list(v) for k, v in data.items()}
+        return _columns(path, data)
       records = data
   except json.JSONDecodeError as e:
     raise DataError(f"{path} is not valid {fmt.upper()}: {e}") from None
@@ -119,6 +125,20 @@ def read_table(path) -> dict[str, list]:
     raise DataError(f"{path}: expected a list of records (objects), one per example")
   names = list(dict.fromkeys(k for r in records for k in r))
   return {n: [r.get(n) for r in records] for n in names}
+
+
+def _columns(path, data: dict) -> dict[str, list]:
+  """A JSON object of columns {name: [values]}: every value a list, all of one length."""
+  bad = [k for k, v in data.items() if not isinstance(v, list)]
+  if bad:
+    raise DataError(f"{path}: a JSON object is read as columns (name -> list of values), but "
+                    f"{', '.join(repr(k) for k in bad[:3])} {'is' if len(bad) == 1 else 'are'} not "
+                    "lists. Fix: write a list of records, one object per example")
+  lengths = {k: len(v) for k, v in data.items()}
+  if len(set(lengths.values())) > 1:
+    raise DataError(f"{path}: the columns have different lengths {lengths}; every column needs "
+                    "one value per example")
+  return dict(data)
 
 
 def read_conll(path, *, encoding: str = "utf-8-sig") -> list[tuple[list[str], list[str]]]:

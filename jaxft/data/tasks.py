@@ -227,6 +227,9 @@ def class_id(value, label_names: Sequence[str], where: str) -> int:
       return label_names.index(s)
     if s.lstrip("-").isdigit():
       value = int(s)
+  if isinstance(value, (bool, float)) and str(value) in label_names:
+    # JSON true/false or 0.5 as class labels: their names are str(value) (never an index).
+    return label_names.index(str(value))
   if isinstance(value, float) and value.is_integer():
     value = int(value)
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool) \

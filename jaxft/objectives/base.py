@@ -107,7 +107,8 @@ def make_step(apply_fn,
               grad_accum_steps: int = 1,
               nan_policy: str = "skip",
               update_extras: Callable[[TrainState, TrainState, Any], dict] | None = None,
-              post_update: Callable[[Flat, TrainState], Flat] | None = None):
+              post_update: Callable[[Flat, TrainState], Flat] | None = None,
+              spike_guard=None):
   """Builds the pure train step `step(state, batch, rng) -> (state, metrics)`.
 
   grad_accum_steps: the batch [B, ...] is split into that many micro-batches whose gradients are
@@ -117,6 +118,8 @@ def make_step(apply_fn,
     raises at the next log step naming the step range; "none": no guard.
   update_extras(old_state, new_state, metrics) -> extras: e.g. EMA teacher updates, after the update.
   post_update(trainable, state) -> trainable: e.g. re-applying pruning masks to updated weights.
+  spike_guard: a jaxft.train.spike.SpikeGuard (its entries in extras): an update whose gradient norm
+    is far above the recent median is skipped like a non-finite one, counted in `spike_skipped`.
   Metrics: loss, loss/<term>, <term>/<metric>, grad_norm, param_norm, update_norm, lr,
   nonfinite (0/1), skipped_steps (running count).
   """
@@ -164,15 +167,25 @@ def make_step(apply_fn,
     rng = jax.random.fold_in(rng, state.step)
     grads, metrics = compute_grads(state, batch, rng)
     finite = jnp.logical_and(jnp.isfinite(metrics["loss"]), _all_finite(grads))
-    if nan_policy == "none":
+    spike, spike_entries = jnp.zeros((), bool), {}
+    if spike_guard is not None:
+      spike, spike_entries = spike_guard.check(state.extras, global_norm(grads))
+    if nan_policy == "none" and spike_guard is None:
       new_state, update_norm = update(state, grads, metrics)
     else:
       # lax.cond runs one branch: a skipped step returns the old buffers (bitwise unchanged) and a
       # normal step pays nothing for the guard (a jnp.where select would read every param twice).
+      apply_it = jnp.logical_not(spike)
+      if nan_policy != "none":
+        apply_it = jnp.logical_and(apply_it, finite)
       skip = lambda st, g, m: (st.replace(step=st.step + 1), jnp.zeros((), jnp.float32))
-      new_state, update_norm = jax.lax.cond(finite, update, skip, state, grads, metrics)
-      skipped = state.extras["skipped_steps"] + jnp.logical_not(finite).astype(jnp.int32)
-      new_state = new_state.replace(extras={**new_state.extras, "skipped_steps": skipped})
+      new_state, update_norm = jax.lax.cond(apply_it, update, skip, state, grads, metrics)
+      skipped = state.extras["skipped_steps"]
+      if nan_policy != "none":
+        skipped = skipped + jnp.logical_not(finite).astype(jnp.int32)
+      # The window sees every norm, skipped or not (after the cond, which would revert it).
+      new_state = new_state.replace(extras={**new_state.extras, "skipped_steps": skipped,
+                                            **spike_entries})
     skipped = new_state.extras["skipped_steps"]
 
     metrics = dict(metrics)
@@ -183,6 +196,9 @@ def make_step(apply_fn,
                      else jnp.zeros((), jnp.float32))
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
     metrics["skipped_steps"] = skipped.astype(jnp.float32)
+    if spike_guard is not None:
+      metrics["spike"] = spike.astype(jnp.float32)
+      metrics["spike_skipped"] = new_state.extras["spike_skipped"].astype(jnp.float32)
     return new_state, metrics
 
   return step

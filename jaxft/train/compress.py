@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxft import assets
@@ -96,7 +97,9 @@ def student_from_teacher(teacher: Teacher, **model_kwargs):
   wrong = [k for k, v in taken.items() if k in flat and np.shape(v) != np.shape(flat[k])]
   if wrong:
     raise ValueError(f"teacher weights do not fit the student built from its layers: {wrong[:3]}")
-  flat.update({k: v for k, v in taken.items() if k in flat})
+  # Copies: the teacher's own buffers stay in the train state too, and the jitted step donates the
+  # state, so student and teacher must not share an array (XLA would free it twice).
+  flat.update({k: jnp.array(v, copy=True) for k, v in taken.items() if k in flat})
   return dataclasses.replace(student, params=unflatten(flat))
 
 

@@ -74,18 +74,28 @@ def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
       raise FileExistsError(
           f"workdir {workdir} holds a different experiment ({shown}{' ...' if len(diff) > 6 else ''})."
           " Use another --workdir, or pass --overwrite to move the old one aside and start fresh.")
-    backup = workdir.with_name(f"{workdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(str(workdir), str(backup))
-    log.warning("moved the previous workdir to %s", backup)
+    _move_aside(workdir)
   elif workdir.exists() and any(workdir.iterdir()) and not overwrite:
     raise FileExistsError(f"workdir {workdir} exists and is not a jaxft workdir (no config.json); "
                           "use an empty or new directory, or --overwrite to move it aside")
   elif workdir.exists() and any(workdir.iterdir()):
-    backup = workdir.with_name(f"{workdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(str(workdir), str(backup))
+    _move_aside(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_lib.to_json(config))
   return False
+
+
+def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
+  """Renames workdir to a free <workdir>.old-<timestamp>[-n]. A fixed name would collide when two
+  overwrites fall in the same second, and shutil.move would then nest the workdir inside the
+  earlier backup."""
+  stem = f"{workdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+  backup, n = workdir.with_name(stem), 1
+  while backup.exists():
+    backup, n = workdir.with_name(f"{stem}-{n}"), n + 1
+  shutil.move(str(workdir), str(backup))
+  log.warning("moved the previous workdir to %s", backup)
+  return backup
 
 
 class _SigtermFlag:
@@ -151,6 +161,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
       best_value, best_metrics, best_step = meta.get("best_value"), meta.get("best"), meta.get(
           "best_step")
       history_eval = meta.get("evals", [])
+      ckpts.recover_best(best_step)
       log.info("resumed from step %d", start_step)
 
   evaluator = Evaluator(s)
@@ -273,6 +284,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
       "data": {k: v for k, v in s.data.stats.items() if isinstance(v, (int, float, str))},
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "eval_with": config.train.eval_with,
+      "compilations": s.trace_count[0],  # traces of the train step: at most one per bucket shape
       "last_train": last_train,
   }
   if quant is not None:

@@ -135,6 +135,18 @@ def _averaging(train_cfg, trainable):
   return extras, fns
 
 
+def _check_max_length(max_length: int, hf_config) -> None:
+  """Position ids past the embedding table would be clamped silently by the gather: refuse them."""
+  n = getattr(hf_config, "max_position_embeddings", None)
+  if n is None:
+    return
+  if getattr(hf_config, "model_type", "") in ("roberta", "mpnet", "xlm-roberta"):
+    n -= 2  # positions start after the padding index
+  if max_length > n:
+    raise ValueError(f"data.max_length={max_length} exceeds the model's {n} positions. Fix: "
+                     f"--config.data.max_length={n} or less.")
+
+
 def build_setup(config, devices=None) -> Setup:
   from jaxft import peft
   from jaxft.data import pipeline
@@ -189,6 +201,7 @@ def build_setup(config, devices=None) -> Setup:
     log.info("student: teacher layers %s", teacher.layers)
   else:
     model = from_pretrained(assets.resolve_model(config.model.name), **kwargs)
+  _check_max_length(config.data.max_length, model.config)
   num_layers = _num_layers(model.config)
   flat = flatten(model.params)
   labels = peft.partition(config.peft, flat, num_layers)
@@ -238,6 +251,10 @@ def build_setup(config, devices=None) -> Setup:
     prune_kwargs = dict(method=p.method, schedule=schedule, scope=p.scope,
                         soft_threshold=p.soft_threshold, l1_weight=p.l1_weight)
 
+  from jaxft.train import spike
+  guard = spike.from_config(config.train)
+  if guard is not None:
+    extras.update(guard.init())
   avg_extras, avg_fns = _averaging(config.train, trainable)
   extras.update(avg_extras)
   update_extras = averaging.chain_update_extras(*update_fns, *avg_fns)
@@ -250,7 +267,8 @@ def build_setup(config, devices=None) -> Setup:
   state, shardings = mesh_lib.shard_state(state, mesh)
 
   step_kwargs = dict(lr_schedule=lr_schedule, grad_accum_steps=config.train.grad_accum_steps,
-                     nan_policy=config.train.nan_policy, update_extras=update_extras)
+                     nan_policy=config.train.nan_policy, update_extras=update_extras,
+                     spike_guard=guard)
   if prune_kwargs is not None:
     step = prune_lib.make_prune_step(apply_fn, terms, tx, **prune_kwargs, **step_kwargs)
   else:

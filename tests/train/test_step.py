@@ -130,3 +130,30 @@ def test_layer_decay_multipliers():
   m = optim.lr_multipliers(trainable, t, num_layers=2)
   assert m == {"backbone/embeddings/word_embeddings/embedding": 0.125,
                "backbone/encoder/layer_1/output/dense/kernel": 0.5, "head/classifier/kernel": 1.0}
+
+
+def test_spike_guard_skips_an_update_far_above_the_recent_norms():
+  from jaxft.train.spike import SpikeGuard
+  params, batch = make_problem()
+  flat = flatten(params)
+  tx = optax.sgd(0.01)
+  guard = SpikeGuard(factor=10.0, window=8, min_history=4)
+  state = TrainState.create(flat, {}, tx, guard.init())
+  step = jax.jit(make_step(linear_apply, {"sup": Weighted(classification_term())}, tx,
+                           spike_guard=guard))
+  for _ in range(5):
+    state, m = step(state, batch, jax.random.key(0))
+    assert float(m["spike"]) == 0.0
+  before = jax.device_get((state.trainable, state.opt_state))
+  # Embeddings x 1000: logits and gradients explode, finite but far above the recent median.
+  big = jax.tree_util.tree_map(lambda x: x, state)
+  big = big.replace(trainable={**state.trainable,
+                               "head/kernel": state.trainable["head/kernel"] * 1000.0})
+  before = jax.device_get((big.trainable, big.opt_state))
+  after, m = step(big, batch, jax.random.key(0))
+  assert float(m["spike"]) == 1.0 and float(m["spike_skipped"]) == 1.0
+  assert float(m["skipped_steps"]) == 0.0  # not a NaN skip: nan_policy=error would not stop
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.trainable)
+                  + jax.tree_util.tree_leaves(after.opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(after.step) == 6 and int(after.extras["spike/count"]) == 6

@@ -1,0 +1,144 @@
+"""End to end through `train_and_evaluate`: a config in, a finished workdir out, for every way a
+config can shape the step (supervised, EMA/SWA/plateau, pruning, distillation, FixMatch with its
+strong view, post-training int8, NER scored over words). Tiny random BERT with the real MiniLM
+tokenizer on real data (movie reviews, CoNLL-2003), a few steps each."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxft import config as config_lib
+from jaxft.train.loop import train_and_evaluate
+
+BASE = {
+    "data.max_train_examples": 64, "data.max_eval_examples": 32, "data.max_length": 32,
+    "data.bucket_boundaries": "32", "train.batch_size": 8, "train.eval_batch_size": 16,
+    "train.num_steps": 16, "train.eval_every": 8, "train.progress": False, "train.log_every": 1,
+    "train.learning_rate": 1e-3, "train.warmup_ratio": 0.0,
+}
+
+
+def make_config(model_dir, experiment="experiments/quickstart.py:smoke", **extra):
+  values = {"model.name": str(model_dir), **BASE, **{k.replace("__", "."): v for k, v in extra.items()}}
+  return config_lib.load(experiment, [(k, str(v)) for k, v in values.items()])
+
+
+def rows(workdir, kind):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def saved_extras(workdir):
+  """state.extras of the newest checkpoint in workdir, as numpy."""
+  import orbax.checkpoint as ocp
+  root = pathlib.Path(workdir) / "checkpoints" / "latest"
+  step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+  return ocp.StandardCheckpointer().restore((root / str(step) / "state").absolute())["extras"]
+
+
+@pytest.fixture(scope="module")
+def supervised_run(tiny_bert_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("supervised") / "run"
+  results = train_and_evaluate(make_config(tiny_bert_dir, data__bucket_boundaries="16,32"), workdir)
+  return workdir, results
+
+
+def test_supervised_run_fills_the_workdir(supervised_run):
+  workdir, results = supervised_run
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["eval"] == results["eval"]
+  assert set(saved["eval"]) >= {"accuracy", "f1", "mcc"} and 0.0 <= saved["eval"]["accuracy"] <= 1
+  assert saved["best_step"] in (8, 16) and saved["steps"] == 16
+  assert saved["trainable_params"] == saved["total_params"] > 0
+  assert saved["wall_time_s"] > 0 and saved["train_examples_per_s"] > 0
+  # one compile per bucket shape at most (two buckets: 16 and 32)
+  assert 1 <= saved["compilations"] <= 2
+  train = rows(workdir, "train")
+  assert [r["step"] for r in train] == list(range(1, 17))
+  losses = [r["loss"] for r in train]
+  assert np.mean(losses[-4:]) < np.mean(losses[:4])  # 64 examples, 2 epochs: it fits them
+  assert [r["step"] for r in rows(workdir, "eval")] == [8, 16]
+  assert list((workdir / "tensorboard").rglob("events.out.tfevents.*"))
+  assert (workdir / "config.json").is_file() and (workdir / "checkpoints" / "best").is_dir()
+
+
+def test_ema_swa_and_plateau_from_config(tiny_bert_dir, tmp_path):
+  cfg = make_config(tiny_bert_dir, train__ema_decay=0.9, train__swa_start=4, train__swa_every=2,
+                    train__eval_with="swa", train__schedule="plateau", train__plateau_patience=0)
+  results = train_and_evaluate(cfg, tmp_path / "run")
+  assert results["eval_with"] == "swa" and "accuracy" in results["eval"]
+  extras = saved_extras(tmp_path / "run")
+  assert int(extras["swa/count"]) == 7  # steps 4, 6, ..., 16
+  assert set(extras["ema"]) == set(extras["swa"]) and len(extras["ema"]) > 10
+
+
+def test_magnitude_pruning_from_config_reaches_its_sparsity(tiny_bert_dir, tmp_path):
+  cfg = make_config(tiny_bert_dir, prune__method="magnitude", prune__final_sparsity=0.5,
+                    prune__begin_fraction=0.0, prune__end_fraction=0.5, prune__frequency=2)
+  results = train_and_evaluate(cfg, tmp_path / "run")
+  assert results["last_train"]["sparsity/total"] == pytest.approx(0.5, abs=0.01)
+  assert results["last_train"]["sparsity/target"] == pytest.approx(0.5)
+
+
+def test_movement_pruning_scores_train(tiny_bert_dir, tmp_path):
+  cfg = make_config(tiny_bert_dir, prune__method="movement", prune__final_sparsity=0.7,
+                    prune__begin_fraction=0.0, prune__end_fraction=0.5, prune__frequency=2)
+  results = train_and_evaluate(cfg, tmp_path / "run")
+  assert results["last_train"]["sparsity/total"] == pytest.approx(0.7, abs=0.01)
+
+
+def test_distillation_from_an_exported_teacher(supervised_run, tiny_bert_dir, tmp_path):
+  from jaxft.train.restore import export_workdir
+  teacher = export_workdir(supervised_run[0], tmp_path / "teacher")
+  cfg = make_config(tiny_bert_dir, distill__teacher=str(teacher), distill__alpha=0.5)
+  results = train_and_evaluate(cfg, tmp_path / "student")
+  last = results["last_train"]
+  assert "loss/distill" in last and "loss/supervised" not in last
+  assert last["distill/soft"] >= 0.0 and 0.0 <= last["distill/agreement"] <= 1.0
+  # A one-layer student made of teacher layer 1, with hidden-state transfer (teacher online).
+  cfg = make_config(tiny_bert_dir, distill__teacher=str(teacher), distill__student_layers="1",
+                    distill__hidden_weight=1.0)
+  results = train_and_evaluate(cfg, tmp_path / "layers")
+  assert results["last_train"]["distill/hidden_mse"] >= 0.0
+  assert results["total_params"] < supervised_run[1]["total_params"]
+
+
+def test_distillation_refuses_a_teacher_without_a_trained_head(tiny_bert_dir, tmp_path):
+  cfg = make_config(tiny_bert_dir, distill__teacher=str(tiny_bert_dir))
+  with pytest.raises(ValueError, match="no trained"):
+    train_and_evaluate(cfg, tmp_path / "run")
+
+
+def test_fixmatch_gets_a_strong_view(tiny_bert_dir, tmp_path):
+  cfg = make_config(tiny_bert_dir, objective__name="fixmatch", data__labeled_per_class=8,
+                    data__unlabeled_ratio=1, data__max_train_examples=128)
+  from jaxft.train.setup import build_setup
+  s = build_setup(cfg)
+  batch = s.data.train.batch_at(3)
+  weak, strong = batch["unlabeled/input_ids"], batch["unlabeled/strong/input_ids"]
+  assert weak.shape == strong.shape and (weak != strong).any()
+  np.testing.assert_array_equal(batch["unlabeled/strong/input_ids"],
+                                s.data.train.batch_at(3)["unlabeled/strong/input_ids"])
+  results = train_and_evaluate(cfg, tmp_path / "run")
+  last = results["last_train"]
+  assert last["loss"] == pytest.approx(last["loss/sup"] + last["loss/unsup"], rel=1e-4, abs=1e-6)
+
+
+def test_post_training_int8_reports_accuracy_and_size(tiny_bert_dir, tmp_path):
+  results = train_and_evaluate(make_config(tiny_bert_dir, quant__method="ptq_int8"), tmp_path / "r")
+  q = results["int8"]
+  assert set(q["eval"]) == set(results["eval"])
+  assert abs(q["eval"]["accuracy"] - results["eval"]["accuracy"]) <= 0.1
+  assert q["size"]["ratio"] > 1.0 and q["size"]["quantized_leaves"] > 0
+
+
+def test_ner_is_scored_over_words(tiny_bert_dir, tmp_path, shared_data):
+  cfg = make_config(tiny_bert_dir, "experiments/conll2003.py",
+                    data__data_dir=str(shared_data / "conll2003"), train__num_steps=4,
+                    train__eval_every=4)
+  results = train_and_evaluate(cfg, tmp_path / "run")
+  assert {"entity_f1", "entity_precision", "entity_recall"} <= set(results["eval"])
