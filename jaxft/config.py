@@ -210,16 +210,23 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, raw: str) -> 
     node[leaf] = _parse_value(raw, current, dotted)
 
 
-def load_experiment(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/exp.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
-  path, _, arg = spec.partition(":")
+def load_module(path: str | pathlib.Path):
+  """Imports an experiment file and returns the module (get_config, and GRID / PAPER / SEARCH for
+  the harness)."""
   file = pathlib.Path(path)
   if not file.is_file():
-    raise FileNotFoundError(f"experiment file {path!r} not found; experiments live in "
+    raise FileNotFoundError(f"experiment file {str(path)!r} not found; experiments live in "
                             "experiments/*.py (e.g. experiments/quickstart.py)")
   module_spec = importlib.util.spec_from_file_location(f"jaxft_experiment_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/exp.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise AttributeError(f"{path} defines no get_config(arg)")
   config = module.get_config(arg or None)

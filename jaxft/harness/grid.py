@@ -14,7 +14,6 @@ checkpoint (train_and_evaluate does); a run with neither starts fresh.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import pathlib
 import sys
@@ -30,16 +29,7 @@ log = logging.getLogger("jaxft")
 RunFn = Callable[..., dict]  # run_fn(config, workdir) -> results dict (train_and_evaluate)
 
 
-def load_module(path: str | pathlib.Path) -> types.ModuleType:
-  """Imports an experiment file and returns the module (for GRID / PAPER / SEARCH)."""
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"experiment file {str(path)!r} not found; experiments live in "
-                            "experiments/*.py (e.g. experiments/glue_small.py)")
-  spec = importlib.util.spec_from_file_location(f"jaxft_experiment_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+load_module = config_lib.load_module  # experiment file -> module (GRID / PAPER / SEARCH)
 
 
 def grid_of(module: types.ModuleType, path: str | pathlib.Path) -> dict[str, str | None]:
