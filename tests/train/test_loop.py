@@ -142,3 +142,14 @@ def test_ner_is_scored_over_words(tiny_bert_dir, tmp_path, shared_data):
                     train__eval_every=4)
   results = train_and_evaluate(cfg, tmp_path / "run")
   assert {"entity_f1", "entity_precision", "entity_recall"} <= set(results["eval"])
+
+
+def test_real_minilm_fine_tunes_on_real_data(minilm_dir, tmp_path):
+  """The quickstart's model (all-MiniLM-L6-v2, from PyPI) on movie reviews, 12 steps."""
+  cfg = make_config(minilm_dir, train__num_steps=12, train__eval_every=12, train__batch_size=16,
+                    train__learning_rate=1e-4, data__max_train_examples=192)
+  results = train_and_evaluate(cfg, tmp_path / "run")
+  losses = [r["loss"] for r in rows(tmp_path / "run", "train")]
+  assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4])
+  assert results["total_params"] == 22_713_986 and set(results["eval"]) >= {"accuracy", "f1", "mcc"}
+  assert json.loads((tmp_path / "run" / "results.json").read_text())["best_step"] == 12
