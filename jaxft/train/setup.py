@@ -231,7 +231,7 @@ def build_setup(config, devices=None) -> Setup:
       trainable.update(proj)
     layer_spec = d.layer_map if not d.layer_map[:1].isdigit() else tuple(
         int(x) for x in d.layer_map.split(","))
-    terms.pop("supervised", None)  # distillation's alpha * CE replaces the plain CE
+    terms.pop("sup", None)  # distillation's alpha * CE replaces the plain supervised term
     terms["distill"] = Weighted(distill_lib.distill_term(
         teacher.model.apply, kind=info.kind, alpha=d.alpha, temperature=d.temperature,
         hidden_weight=d.hidden_weight, attention_weight=d.attention_weight, layers=layer_spec,
@@ -281,8 +281,7 @@ def build_setup(config, devices=None) -> Setup:
     return step(state, batch, rng)
 
   step_fn = mesh_lib.jit_step(counted_step, mesh, shardings)
-  eval_model = dataclasses.replace(model, module=model.module)
-  return Setup(config=config, mesh=mesh, data=data, model=eval_model, peft_spec=spec,
+  return Setup(config=config, mesh=mesh, data=data, model=model, peft_spec=spec,
                counts=counts, state=state, state_shardings=shardings, step_fn=step_fn,
                total_steps=total_steps, trace_count=trace_count, apply_fn=apply_fn,
                quant_spec=qspec)

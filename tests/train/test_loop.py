@@ -97,7 +97,8 @@ def test_distillation_from_an_exported_teacher(supervised_run, tiny_bert_dir, tm
   cfg = make_config(tiny_bert_dir, distill__teacher=str(teacher), distill__alpha=0.5)
   results = train_and_evaluate(cfg, tmp_path / "student")
   last = results["last_train"]
-  assert "loss/distill" in last and "loss/supervised" not in last
+  assert "loss/distill" in last and "loss/sup" not in last  # alpha * CE lives in the distill term
+  assert last["loss"] == pytest.approx(last["loss/distill"], rel=1e-5)
   assert last["distill/soft"] >= 0.0 and 0.0 <= last["distill/agreement"] <= 1.0
   # A one-layer student made of teacher layer 1, with hidden-state transfer (teacher online).
   cfg = make_config(tiny_bert_dir, distill__teacher=str(teacher), distill__student_layers="1",
