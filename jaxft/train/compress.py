@@ -139,6 +139,35 @@ def cache_teacher_logits(teacher: Teacher, config, data, mesh_put) -> np.ndarray
   return logits
 
 
+@dataclasses.dataclass
+class Distillation:
+  term: Any  # Weighted loss term
+  trainable: dict  # learned projections (hidden-state transfer), "distill_proj/..."
+  extras: dict  # the teacher's params when it runs online
+
+
+def distillation(teacher: Teacher, config, data, model, info, mesh_put):
+  """-> (data with cached teacher logits where they apply, Distillation) from config.distill."""
+  from jaxft.data.views import WithTeacherLogits
+  from jaxft.objectives.base import Weighted
+  d = config.distill
+  cached = cache_teacher_logits(teacher, config, data, mesh_put)
+  if cached is not None:
+    data = dataclasses.replace(data, train=WithTeacherLogits(data.train, cached))
+  proj = {}
+  if d.hidden_weight > 0:
+    proj = distill_lib.init_projections(jax.random.key(config.seed), int(model.config.hidden_size),
+                                        int(teacher.model.config.hidden_size))
+  layers = (tuple(int(x) for x in d.layer_map.split(",")) if d.layer_map[:1].isdigit()
+            else d.layer_map)
+  term = Weighted(distill_lib.distill_term(
+      teacher.model.apply, kind=info.kind, alpha=d.alpha, temperature=d.temperature,
+      hidden_weight=d.hidden_weight, attention_weight=d.attention_weight, layers=layers,
+      attention_heads=d.attention_heads))
+  extras = distill_lib.distill_extras(teacher.model.params) if cached is None else {}
+  return data, Distillation(term, proj, extras)
+
+
 def steps_note(total_steps: int, schedule: prune_lib.CubicSchedule) -> str:
   return (f"pruning: sparsity 0 -> {schedule.final:.2f} over steps {schedule.begin_step}.."
           f"{schedule.end_step} of {total_steps}, masks every {schedule.frequency} steps "

@@ -150,13 +150,10 @@ def _check_max_length(max_length: int, hf_config) -> None:
 def build_setup(config, devices=None) -> Setup:
   from jaxft import peft
   from jaxft.data import pipeline
-  from jaxft.data.views import WithTeacherLogits
   from jaxft.models import from_pretrained
-  from jaxft.objectives import distill as distill_lib
   from jaxft.objectives import prune as prune_lib
-  from jaxft.objectives.base import Weighted
   from jaxft.quant import qat
-  from jaxft.train import averaging, compress
+  from jaxft.train import averaging, compress, spike
 
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch_divides(config.train.batch_size, mesh)
@@ -219,25 +216,12 @@ def build_setup(config, devices=None) -> Setup:
   update_fns = [objective.update_extras]
 
   if teacher is not None:
-    d = config.distill
-    cached = compress.cache_teacher_logits(teacher, config, data,
-                                           lambda b: mesh_lib.put_batch(b, mesh))
-    if cached is not None:
-      data = dataclasses.replace(data, train=WithTeacherLogits(data.train, cached))
-    if d.hidden_weight > 0:
-      proj = distill_lib.init_projections(jax.random.key(config.seed),
-                                          int(model.config.hidden_size),
-                                          int(teacher.model.config.hidden_size))
-      trainable.update(proj)
-    layer_spec = d.layer_map if not d.layer_map[:1].isdigit() else tuple(
-        int(x) for x in d.layer_map.split(","))
+    data, distill = compress.distillation(teacher, config, data, model, info,
+                                          lambda b: mesh_lib.put_batch(b, mesh))
     terms.pop("sup", None)  # distillation's alpha * CE replaces the plain supervised term
-    terms["distill"] = Weighted(distill_lib.distill_term(
-        teacher.model.apply, kind=info.kind, alpha=d.alpha, temperature=d.temperature,
-        hidden_weight=d.hidden_weight, attention_weight=d.attention_weight, layers=layer_spec,
-        attention_heads=d.attention_heads))
-    if cached is None:
-      extras.update(distill_lib.distill_extras(teacher.model.params))
+    terms["distill"] = distill.term
+    trainable.update(distill.trainable)
+    extras.update(distill.extras)
 
   prune_kwargs = None
   if config.prune.method:
@@ -251,7 +235,6 @@ def build_setup(config, devices=None) -> Setup:
     prune_kwargs = dict(method=p.method, schedule=schedule, scope=p.scope,
                         soft_threshold=p.soft_threshold, l1_weight=p.l1_weight)
 
-  from jaxft.train import spike
   guard = spike.from_config(config.train)
   if guard is not None:
     extras.update(guard.init())
