@@ -101,3 +101,17 @@ def hf_logits(cls, d, family: str, b: dict):
   assert not info["missing_keys"], info
   assert not info["unexpected_keys"] and not info["mismatched_keys"], info
   return torch_forward(ref.eval(), family, b).logits.numpy(), ref
+
+
+def saved_bert_classifier(tmp_path_factory):
+  """(dir, torch model) of a tiny 3-label BERT sequence classifier saved in HF format."""
+  d = tmp_path_factory.mktemp("bert_cls")
+  ref = torch_model("bert", "sequence_classification", num_labels=3)
+  ref.save_pretrained(d)
+  return d, ref
+
+
+def logits(m, b, **kw):
+  """A jaxft Model's logits on batch b as numpy (jitted)."""
+  import jax
+  return np.asarray(jax.jit(lambda p: m.apply(p, b, **kw).logits)(m.params))

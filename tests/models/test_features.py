@@ -13,14 +13,10 @@ import hf_tiny as tiny
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  d = tmp_path_factory.mktemp("bert_cls")
-  ref = tiny.torch_model("bert", "sequence_classification", num_labels=3)
-  ref.save_pretrained(d)
-  return d, ref
+  return tiny.saved_bert_classifier(tmp_path_factory)
 
 
-def _logits(m, b, **kw):
-  return np.asarray(jax.jit(lambda p: m.apply(p, b, **kw).logits)(m.params))
+_logits = tiny.logits
 
 
 def test_embedding_perturbation(ckpt):
