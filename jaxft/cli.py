@@ -28,7 +28,7 @@ def _train(args, rest):
 
 def _eval(args, rest):
   from jaxft.train.restore import evaluate_workdir
-  metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which)
+  metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which, int8=args.int8)
   print(json.dumps(metrics, indent=2))
   return 0
 
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--workdir", required=True)
   e.add_argument("--split", default=None)
   e.add_argument("--which", choices=("best", "latest"), default="best")
+  e.add_argument("--int8", action="store_true",
+                 help="also score the weights after post-training int8 quantization (and sizes)")
   e.set_defaults(fn=_eval)
 
   x = sub.add_parser("export", help="export a workdir's model in Hugging Face format")

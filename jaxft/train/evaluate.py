@@ -66,7 +66,7 @@ class Evaluator:
     return metrics_lib.compute(info, preds, labels)
 
 
-def int8_metrics(setup, state) -> dict:
+def int8_metrics(setup, state, split: str | None = None) -> dict:
   """Post-training int8 (per-channel symmetric) quantization of the evaluated weights:
   {"eval": metrics on int8 weights, "size": jaxft.quant.int8.size_report}."""
   from jaxft.quant import int8
@@ -75,5 +75,5 @@ def int8_metrics(setup, state) -> dict:
   qflat = int8.quantize_params(flat, setup.quant_spec or int8.QuantSpec())
   apply = int8.quantized_apply(setup.model.apply)
   jitted = jax.jit(lambda q, b: apply(q, b, deterministic=True).logits.astype(jnp.float32))
-  metrics = Evaluator(setup, forward=lambda _, batch: jitted(qflat, batch)).evaluate(state)
+  metrics = Evaluator(setup, split, forward=lambda _, batch: jitted(qflat, batch)).evaluate(state)
   return {"eval": metrics, "size": int8.size_report(flat, qflat)}

@@ -32,9 +32,15 @@ def load_workdir(workdir: str | pathlib.Path, which: str = "best"):
   return setup, setup.from_checkpointable(state)
 
 
-def evaluate_workdir(workdir, split: str | None = None, which: str = "best") -> dict:
+def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
+                     int8: bool = False) -> dict:
+  """Metrics of the workdir's checkpoint; int8=True adds {"int8": {"eval", "size"}}: the same
+  weights after post-training per-channel int8 quantization, and the size before and after."""
   setup, state = load_workdir(workdir, which)
   metrics = Evaluator(setup, split).evaluate(state)
+  if int8:
+    from jaxft.train.evaluate import int8_metrics
+    metrics = {**metrics, "int8": int8_metrics(setup, state, split)}
   out = pathlib.Path(workdir) / f"eval_{split or setup.config.data.eval_split}_{which}.json"
   out.write_text(json.dumps(metrics, indent=2))
   return metrics
