@@ -154,3 +154,12 @@ def test_real_minilm_fine_tunes_on_real_data(minilm_dir, tmp_path):
   assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4])
   assert results["total_params"] == 22_713_986 and set(results["eval"]) >= {"accuracy", "f1", "mcc"}
   assert json.loads((tmp_path / "run" / "results.json").read_text())["best_step"] == 12
+
+
+def test_eval_of_a_finished_workdir_with_int8(supervised_run):
+  from jaxft.train.restore import evaluate_workdir
+  workdir, results = supervised_run
+  metrics = evaluate_workdir(workdir, which="best", int8=True)
+  assert {k: metrics[k] for k in results["best"]} == pytest.approx(results["best"])
+  assert set(metrics["int8"]["eval"]) == set(results["best"])
+  assert metrics["int8"]["size"]["int8_bytes"] < metrics["int8"]["size"]["fp32_bytes"]
