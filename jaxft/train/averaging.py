@@ -20,7 +20,7 @@ every eval (host side, outside the jitted step), which lowers the scale by `fact
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import jax
@@ -171,4 +170,4 @@ def distillation(teacher: Teacher, config, data, model, info, mesh_put):
 def steps_note(total_steps: int, schedule: prune_lib.CubicSchedule) -> str:
   return (f"pruning: sparsity 0 -> {schedule.final:.2f} over steps {schedule.begin_step}.."
           f"{schedule.end_step} of {total_steps}, masks every {schedule.frequency} steps "
-          f"({math.floor(schedule.num_updates) + 1} updates)")
+          f"({schedule.num_updates + 1} updates)")

@@ -11,18 +11,14 @@ One function a notebook can call; `jaxft train` is a thin wrapper. Its stages, i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
 import shutil
 import signal
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxft import config as config_lib
 from jaxft.train import checkpoint as ckpt_lib

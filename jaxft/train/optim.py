@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import re
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from jaxft.train.state import Flat

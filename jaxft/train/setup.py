@@ -13,15 +13,13 @@ import logging
 import math
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 
 from jaxft import assets
 from jaxft.objectives import registry as objectives
 from jaxft.objectives.base import make_step
 from jaxft.train import mesh as mesh_lib
 from jaxft.train.optim import make_optimizer
-from jaxft.train.state import TrainState, count_params, flatten, unflatten
+from jaxft.train.state import TrainState, flatten, unflatten
 
 log = logging.getLogger("jaxft")
 
