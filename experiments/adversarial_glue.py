@@ -25,9 +25,9 @@ Published numbers (../shared/REFERENCES.md; BERT-base, so compare gains, not abs
 The SMART rows are marked "verify before quoting" in REFERENCES.md.
 """
 
-from jaxft.config import base_config
+from jaxft.config import base_config, movie_reviews_cpu
 
-TASKS = ("cola", "sst2", "mrpc", "rte", "stsb")
+TASKS = ("cola", "sst2", "mrpc", "rte", "stsb", "mr")
 OBJECTIVES = ("baseline", "fgm", "pgd", "freelb", "smart", "vat", "r3f")
 
 # For `jaxft table`: the grid (name -> get_config arg) and the paper numbers beside ours.
@@ -57,5 +57,7 @@ def get_config(arg=None):
   c.train.num_epochs = 5.0 if task == "mrpc" else 3.0
   c.train.learning_rate = 1e-4
   c.train.warmup_ratio = 0.1
+  if task == "mr":  # the CPU-sized row: MR, one epoch (jaxft.config.movie_reviews_cpu)
+    movie_reviews_cpu(c)
   c.objective.name = "supervised" if objective == "baseline" else objective
   return c

@@ -16,6 +16,13 @@ the uniform layer map (student layer i <- teacher layer 2i + 1) with the student
 teacher layers 0, 2, ..., 10 (DistilBERT's initialisation, Sanh et al. 2019). The MiniLM student
 uses its own WordPiece tokenizer, so only logits can be matched (sequence positions differ).
 
+CPU-sized rows on MR (jaxft.config.movie_reviews_cpu: one epoch), with a fine-tuned MiniLM-L6
+teacher (experiments/quickstart.py, exported) and a MiniLM-L3-size student made of its layers
+0, 2, 4: "mr,half" distils (alpha 0.5, T 2, teacher logits cached), "mr,half_alone" trains the
+same student from the same initialisation on the labels only (alpha 1).
+    jaxft train --config experiments/distill_mpnet_minilm.py:mr,half --workdir workdirs/kd-l3 \
+        --config.distill.teacher=workdirs/quickstart/export
+
 Published numbers (../shared/REFERENCES.md; BERT-base teachers, GLUE dev):
 | model                       | SST-2 | MRPC | CoLA | RTE  | STS-B | note |
 | BERT-base (DistilBERT paper) | 92.7 | 88.6 | 56.3 | 69.3 | 89.0 | teacher |
@@ -25,9 +32,10 @@ TinyBERT4 keeps 96.8% of BERT-base at 7.5x smaller. Expect the distilled MiniLM 
 little above its plain fine-tuned number (experiments/glue_small.py:<task>).
 """
 
-from jaxft.config import base_config
+from jaxft.config import base_config, movie_reviews_cpu
 
-TASKS = ("sst2", "mrpc", "cola", "rte", "stsb")
+TASKS = ("sst2", "mrpc", "cola", "rte", "stsb", "mr")
+VARIANTS = ("", "layers", "half", "half_alone")
 GRID = {f"{t}{v}": f"{t}{v}" for t in TASKS for v in ("", ",layers")}
 PAPER = {  # DistilBERT paper, GLUE dev (DistilBERT student of BERT-base)
     ("sst2", "accuracy"): 91.3, ("mrpc", "f1"): 87.5, ("cola", "mcc"): 51.3,
@@ -39,9 +47,9 @@ def get_config(arg=None):
   task, _, variant = (arg or "sst2").partition(",")
   if task not in TASKS:
     raise ValueError(f"distill_mpnet_minilm: unknown task {task!r}; choose one of {', '.join(TASKS)}")
-  if variant not in ("", "layers"):
+  if variant not in VARIANTS:
     raise ValueError(f"distill_mpnet_minilm: unknown variant {variant!r}; use '<task>' or "
-                     "'<task>,layers'")
+                     "'<task>,<variant>' with variant one of layers, half, half_alone")
   c = base_config()
   c.data.name = task
   c.data.data_dir = "../shared/data/glue"
@@ -53,6 +61,16 @@ def get_config(arg=None):
   c.distill.alpha = 0.5
   c.distill.temperature = 2.0
   c.distill.layer_map = "uniform"
+  if task == "mr":  # the CPU-sized rows (jaxft.config.movie_reviews_cpu)
+    movie_reviews_cpu(c)
+  if variant in ("half", "half_alone"):
+    c.model.name = "minilm-l6"  # student = teacher layers 0, 2, 4 (the teacher is a MiniLM-L6)
+    c.distill.student_layers = "0,2,4"
+    c.distill.own_tokenizer = False
+    c.train.learning_rate = 1e-4
+    if variant == "half_alone":
+      c.distill.alpha = 1.0  # labels only: the KL term has weight 0
+    return c
   if variant == "layers":
     c.model.name = "mpnet-base"  # student family = teacher family, built from its layers
     c.distill.student_layers = "0,2,4,6,8,10"

@@ -27,11 +27,11 @@ and 10 on the four small tasks, one learning rate per method (LR below; full fin
 glue_small rates). The task head always trains.
 """
 
-from jaxft.config import base_config
+from jaxft.config import base_config, movie_reviews_cpu
 
-TASKS = ("sst2", "mrpc", "cola", "rte", "stsb")
+TASKS = ("sst2", "mrpc", "cola", "rte", "stsb", "mr")
 METRIC = {"sst2": "accuracy", "mrpc": "accuracy", "cola": "mcc", "rte": "accuracy",
-          "stsb": "pearson"}
+          "stsb": "pearson", "mr": "accuracy"}
 
 # row name -> (peft.method, extra peft fields, learning rate)
 METHODS = {
@@ -87,6 +87,8 @@ def get_config(arg=None):
   c.train.num_epochs = 3.0 if task == "sst2" else 10.0
   c.train.warmup_ratio = 0.06
   c.train.schedule = "linear"
+  if task == "mr":  # the CPU-sized row: MR, one epoch (jaxft.config.movie_reviews_cpu)
+    movie_reviews_cpu(c)
   peft_method, fields, lr = METHODS[method]
   c.peft.method = peft_method
   for k, v in fields.items():

@@ -10,21 +10,13 @@ Expected: >= 80% validation accuracy in under 10 minutes on 2 CPU cores (see REA
 measured number). The arg picks a shorter smoke version: `:smoke` trains 30 steps on 512 examples.
 """
 
-from jaxft.config import base_config
+from jaxft.config import base_config, movie_reviews_cpu
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = movie_reviews_cpu(base_config())
   c.model.name = "minilm-l6"
-  c.data.name = "mr"
-  c.data.max_length = 64
-  c.data.bucket_boundaries = "32,64"
-  c.train.batch_size = 32
-  c.train.eval_batch_size = 128
-  c.train.num_epochs = 1.0
   c.train.learning_rate = 1e-4
-  c.train.warmup_ratio = 0.06
-  c.train.log_every = 20
   if arg == "smoke":
     c.data.max_train_examples = 512
     c.data.max_eval_examples = 256

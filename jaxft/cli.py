@@ -28,7 +28,10 @@ def _train(args, rest):
 
 def _eval(args, rest):
   from jaxft.train.restore import evaluate_workdir
-  metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which, int8=args.int8)
+  eps = [float(e) for e in args.pgd_eps.split(",") if e.strip()]
+  metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which, int8=args.int8,
+                             pgd_eps=eps, pgd_steps=args.pgd_steps,
+                             synonym_examples=args.synonym_attack)
   print(json.dumps(metrics, indent=2))
   return 0
 
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--which", choices=("best", "latest"), default="best")
   e.add_argument("--int8", action="store_true",
                  help="also score the weights after post-training int8 quantization (and sizes)")
+  e.add_argument("--pgd-eps", default="",
+                 help="comma-separated L2 radii: accuracy under an embedding-space PGD attack")
+  e.add_argument("--pgd-steps", type=int, default=10, help="PGD ascent steps per attack")
+  e.add_argument("--synonym-attack", type=int, default=0, metavar="N",
+                 help="greedy WordNet synonym-swap attack on the split's first N texts")
   e.set_defaults(fn=_eval)
 
   x = sub.add_parser("export", help="export a workdir's model in Hugging Face format")

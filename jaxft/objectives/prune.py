@@ -107,12 +107,36 @@ def num_pruned(sparsity, n: int) -> jax.Array:
   return jnp.round(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
 
 
+def _sortable_bits(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 keys in the same order as the floats (-0.0 equal to +0.0, NaN last)."""
+  x = x.astype(jnp.float32)
+  b = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
+  return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
+
+
 def _keep_by_rank(values: jax.Array, sparsity) -> jax.Array:
-  """bool mask (shape of values) dropping exactly round(s * n) smallest values (ties: lower index)."""
+  """bool mask (shape of values) dropping exactly round(s * n) smallest values (ties: lower index).
+
+  No sort: the k-th smallest value is found by bisection over the 32 bits of its order-preserving
+  integer key (32 counting passes), then ties at that value are broken by index with a cumsum.
+  Same mask as a stable argsort, ~20x faster on CPU for the 10.8M scores of MiniLM-L6, which
+  movement pruning ranks at every step."""
   flat = values.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-  return (ranks >= num_pruned(sparsity, flat.size)).reshape(values.shape)
+  k = num_pruned(sparsity, flat.size)
+  keys = _sortable_bits(flat)
+
+  def halve(_, lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum((keys <= mid).astype(jnp.int32)) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  kth, _ = jax.lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+  below = keys < kth
+  ties = keys == kth
+  tie_rank = jnp.cumsum(ties.astype(jnp.int32))
+  drop = below | (ties & (tie_rank <= k - jnp.sum(below.astype(jnp.int32))))
+  return ((~drop) | (k == 0)).reshape(values.shape)
 
 
 def topk_masks(scores: Flat, sparsity, scope: str = "global") -> dict:

@@ -77,3 +77,37 @@ def int8_metrics(setup, state, split: str | None = None) -> dict:
   jitted = jax.jit(lambda q, b: apply(q, b, deterministic=True).logits.astype(jnp.float32))
   metrics = Evaluator(setup, split, forward=lambda _, batch: jitted(qflat, batch)).evaluate(state)
   return {"eval": metrics, "size": int8.size_report(flat, qflat)}
+
+
+def robustness_metrics(setup, state, split: str | None = None, *, epsilons=(), pgd_steps: int = 10,
+                       synonym_examples: int = 0, max_swap_fraction: float = 0.2) -> dict:
+  """Robust accuracy of the evaluated weights (jaxft.eval.robustness) on one eval split:
+  {"pgd": {"clean_accuracy", "pgd_l2/<eps>/accuracy", ...}} for an L2 embedding-space PGD attack
+  of `pgd_steps` steps at each epsilon, and {"synonyms": {...}} for the greedy WordNet
+  substitution attack on the split's first `synonym_examples` texts (single-text tasks)."""
+  from jaxft.eval import robustness
+  from jaxft.train.setup import load_tokenizer
+  split = split or str(setup.config.data.eval_split).split(",")[0].strip()
+  if split not in setup.data.eval:
+    raise KeyError(f"no eval split {split!r}; the task has {sorted(setup.data.eval)}")
+  kind = setup.data.info.kind
+  apply_fn = setup.apply_fn or setup.model.apply
+  params = jax.jit(setup.eval_params)(state.trainable, state.frozen, state.extras)
+  out = {}
+  if epsilons:
+    out["pgd"] = robustness.pgd_robustness(apply_fn, params, setup.data.eval[split](), kind,
+                                           [float(e) for e in epsilons], steps=pgd_steps,
+                                           seed=int(setup.config.seed))
+  if synonym_examples:
+    ex = setup.data.examples[split]
+    if kind != "classification" or len(ex.texts) != 1:
+      raise ValueError("the synonym attack needs a single-text classification task; "
+                       f"{setup.data.info.name} has {len(ex.texts)} text column(s), kind {kind}")
+    n = min(int(synonym_examples), len(ex))
+    predict = robustness.text_classifier(apply_fn, params, load_tokenizer(setup.config.model.name),
+                                         max_length=int(setup.config.data.max_length))
+    result = robustness.word_substitution_attack(predict, ex.texts[0][:n], ex.labels[:n],
+                                                 robustness.WordNet(),
+                                                 max_swap_fraction=max_swap_fraction)
+    out["synonyms"] = {**result.metrics, "examples": n}
+  return out

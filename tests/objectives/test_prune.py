@@ -50,6 +50,25 @@ def test_magnitude_masks_exact_counts_global_and_layer():
     prune.topk_masks(w, 0.5, "row")
 
 
+def test_topk_equals_stable_argsort_reference():
+  """The sort-free ranking drops exactly the values a stable argsort would: negatives, -0.0 vs
+  +0.0, infinities and many ties (broken by lower index first)."""
+  rng = np.random.default_rng(0)
+  v = rng.normal(size=5000).astype(np.float32)
+  v[:800] = 0.0
+  v[800:900] = -0.0
+  v[900:1500] = rng.choice([-1.5, 0.25, 3.0], size=600)
+  v[1500], v[1501] = np.inf, -np.inf
+  rng.shuffle(v)
+  for s in (0.0, 0.1, 0.16, 0.5, 0.9, 0.97, 0.9999):
+    k = round(s * v.size)
+    order = np.argsort(v, kind="stable")
+    want = np.ones(v.size, bool)
+    want[order[:k]] = False
+    got = np.asarray(prune.topk_masks({"w": jnp.asarray(v)}, s)["w"])
+    np.testing.assert_array_equal(got, want, err_msg=f"sparsity {s}")
+
+
 def test_sparsity_metrics_per_layer():
   masks = {"backbone/encoder/layer_0/attention/self/query/kernel": jnp.array([[True, False]]),
            "backbone/encoder/layer_0/output/dense/kernel": jnp.array([[True, True]]),

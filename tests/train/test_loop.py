@@ -163,3 +163,22 @@ def test_eval_of_a_finished_workdir_with_int8(supervised_run):
   assert {k: metrics[k] for k in results["best"]} == pytest.approx(results["best"])
   assert set(metrics["int8"]["eval"]) == set(results["best"])
   assert metrics["int8"]["size"]["int8_bytes"] < metrics["int8"]["size"]["fp32_bytes"]
+
+
+def test_eval_of_a_finished_workdir_under_attack(supervised_run):
+  """jaxft eval --pgd-eps / --synonym-attack: PGD at radius 0 changes nothing, a large radius can
+  only lower accuracy, and the WordNet attack reports on the texts it was given."""
+  from jaxft.eval import robustness
+  from jaxft.train.restore import evaluate_workdir
+  if not (robustness.wordnet_dir() / "index.noun").is_file():
+    pytest.skip("WordNet not installed (apt-get install wordnet-base)")
+  workdir, results = supervised_run
+  m = evaluate_workdir(workdir, which="best", pgd_eps=[0.0, 100.0], pgd_steps=3,
+                       synonym_examples=6)["robustness"]
+  pgd = m["pgd"]
+  assert pgd["clean_accuracy"] == pytest.approx(results["best"]["accuracy"])
+  assert pgd["pgd_l2/0/accuracy"] == pytest.approx(pgd["clean_accuracy"])
+  assert pgd["pgd_l2/100/accuracy"] <= pgd["clean_accuracy"]
+  syn = m["synonyms"]
+  assert syn["examples"] == 6 and 0.0 <= syn["accuracy_under_attack"] <= syn["clean_accuracy"]
+  assert json.loads((workdir / "eval_validation_best.json").read_text())["robustness"] == m

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The CPU-sized versions of the PEFT, adversarial, pruning and distillation tables: MiniLM-L6 on
+# movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu), seed 0. Runs in about
+# 90 minutes on 2 CPU cores; finished runs (results.json present) are skipped, so it resumes.
+#   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
+# stages: base distill adv prune peft adv2 prune2 (default: all, in that order). The numbers and
+# the machine they came from are in README ("CPU-sized tables").
+set -euo pipefail
+ROOT=${1:-workdirs/cpu}; shift || true
+STAGES=${*:-base distill adv prune peft adv2 prune2}
+EPS=0.5,1,2,4
+
+train() {  # train <name> <config spec> [overrides...]
+  local name=$1 spec=$2; shift 2
+  if [[ -f $ROOT/$name/results.json ]]; then echo "== $name: done, skipped"; return; fi
+  echo "== $name: $spec $*"
+  jaxft train --config "$spec" --workdir "$ROOT/$name" "$@"
+}
+robust() {  # robust <name>: PGD-10 at $EPS and the WordNet attack on 200 texts
+  [[ -f $ROOT/$1/eval_validation_best.json ]] && grep -q robustness "$ROOT/$1/eval_validation_best.json" && return
+  jaxft eval --workdir "$ROOT/$1" --pgd-eps $EPS --synonym-attack 200 > /dev/null
+}
+
+for stage in $STAGES; do case $stage in
+  base)
+    train baseline experiments/quickstart.py
+    [[ -d $ROOT/baseline/export ]] || jaxft export --workdir "$ROOT/baseline" --out "$ROOT/baseline/export"
+    robust baseline ;;
+  distill)
+    for v in half half_alone; do
+      train "kd-$v" "experiments/distill_mpnet_minilm.py:mr,$v" \
+          "--config.distill.teacher=$ROOT/baseline/export"
+    done ;;
+  adv)
+    train adv-fgm experiments/adversarial_glue.py:mr,fgm; robust adv-fgm ;;
+  adv2)
+    for o in freelb smart; do train "adv-$o" "experiments/adversarial_glue.py:mr,$o"; robust "adv-$o"; done ;;
+  prune)
+    for m in magnitude movement soft_movement; do
+      train "prune-$m-0.9" "experiments/prune_movement.py:$m,0.9,mr"
+    done ;;
+  prune2)
+    for m in magnitude movement; do train "prune-$m-0.97" "experiments/prune_movement.py:$m,0.97,mr"; done ;;
+  peft)
+    for m in lora bitfit ia3 adapter_h8 prefix dora; do train "peft-$m" "experiments/peft_table.py:$m:mr"; done ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac; done
