@@ -53,3 +53,17 @@ def test_experiment_arg_is_checked():
     config_lib.load("experiments/glue_small.py:sst3")
   with pytest.raises(FileNotFoundError, match="experiments live in"):
     config_lib.load("experiments/nope.py")
+
+
+@pytest.mark.parametrize("spec", [
+    "experiments/quickstart.py", "experiments/adversarial_glue.py:mr,fgm",
+    "experiments/peft_table.py:lora:mr", "experiments/prune_movement.py:movement,0.9,mr",
+    "experiments/distill_mpnet_minilm.py:mr,half", "experiments/distill_mpnet_minilm.py:mr,half_alone"])
+def test_cpu_sized_rows_use_the_quickstart_data(spec):
+  """The "mr" rows of the GLUE-sized experiments (experiments/cpu_tables.sh) share the quickstart's
+  data and schedule, so their numbers sit beside its dense baseline."""
+  c = config_lib.load(spec)
+  assert (c.data.name, c.data.max_length, c.train.batch_size, c.train.num_epochs) == ("mr", 64, 32, 1.0)
+  assert c.data.data_dir == "" and c.train.num_steps == 0
+  if spec.endswith("half_alone"):
+    assert c.distill.alpha == 1.0 and c.distill.student_layers == "0,2,4"
