@@ -8,7 +8,7 @@
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
 STAGES=${*:-base distill adv prune peft adv2 prune2}
-EPS=0.5,1,2,4
+EPS=1,2,4
 
 train() {  # train <name> <config spec> [overrides...]
   local name=$1 spec=$2; shift 2
@@ -16,9 +16,9 @@ train() {  # train <name> <config spec> [overrides...]
   echo "== $name: $spec $*"
   jaxft train --config "$spec" --workdir "$ROOT/$name" "$@"
 }
-robust() {  # robust <name>: PGD-10 at $EPS and the WordNet attack on 200 texts
+robust() {  # robust <name>: PGD-5 at $EPS on 512 texts and the WordNet attack on 100 texts
   [[ -f $ROOT/$1/eval_validation_best.json ]] && grep -q robustness "$ROOT/$1/eval_validation_best.json" && return
-  jaxft eval --workdir "$ROOT/$1" --pgd-eps $EPS --synonym-attack 200 > /dev/null
+  jaxft eval --workdir "$ROOT/$1" --pgd-eps $EPS --pgd-steps 5 --pgd-examples 500 --synonym-attack 100 > /dev/null
 }
 
 for stage in $STAGES; do case $stage in

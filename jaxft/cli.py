@@ -31,6 +31,7 @@ def _eval(args, rest):
   eps = [float(e) for e in args.pgd_eps.split(",") if e.strip()]
   metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which, int8=args.int8,
                              pgd_eps=eps, pgd_steps=args.pgd_steps,
+                             pgd_examples=args.pgd_examples,
                              synonym_examples=args.synonym_attack)
   print(json.dumps(metrics, indent=2))
   return 0
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--pgd-eps", default="",
                  help="comma-separated L2 radii: accuracy under an embedding-space PGD attack")
   e.add_argument("--pgd-steps", type=int, default=10, help="PGD ascent steps per attack")
+  e.add_argument("--pgd-examples", type=int, default=0, metavar="N",
+                 help="attack the first eval batches holding >= N examples (0 = all)")
   e.add_argument("--synonym-attack", type=int, default=0, metavar="N",
                  help="greedy WordNet synonym-swap attack on the split's first N texts")
   e.set_defaults(fn=_eval)

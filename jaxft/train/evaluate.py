@@ -80,11 +80,14 @@ def int8_metrics(setup, state, split: str | None = None) -> dict:
 
 
 def robustness_metrics(setup, state, split: str | None = None, *, epsilons=(), pgd_steps: int = 10,
-                       synonym_examples: int = 0, max_swap_fraction: float = 0.2) -> dict:
+                       pgd_examples: int = 0, synonym_examples: int = 0,
+                       max_swap_fraction: float = 0.2) -> dict:
   """Robust accuracy of the evaluated weights (jaxft.eval.robustness) on one eval split:
-  {"pgd": {"clean_accuracy", "pgd_l2/<eps>/accuracy", ...}} for an L2 embedding-space PGD attack
-  of `pgd_steps` steps at each epsilon, and {"synonyms": {...}} for the greedy WordNet
-  substitution attack on the split's first `synonym_examples` texts (single-text tasks)."""
+  {"pgd": {"clean_accuracy", "pgd_l2/<eps>/accuracy", ..., "examples"}} for an L2 embedding-space
+  PGD attack of `pgd_steps` steps at each epsilon on the first eval batches holding at least
+  `pgd_examples` examples (0 = all; each attack costs pgd_steps forward+backward passes), and
+  {"synonyms": {...}} for the greedy WordNet substitution attack on the split's first
+  `synonym_examples` texts (single-text tasks)."""
   from jaxft.eval import robustness
   from jaxft.train.setup import load_tokenizer
   split = split or str(setup.config.data.eval_split).split(",")[0].strip()
@@ -95,9 +98,15 @@ def robustness_metrics(setup, state, split: str | None = None, *, epsilons=(), p
   params = jax.jit(setup.eval_params)(state.trainable, state.frozen, state.extras)
   out = {}
   if epsilons:
-    out["pgd"] = robustness.pgd_robustness(apply_fn, params, setup.data.eval[split](), kind,
-                                           [float(e) for e in epsilons], steps=pgd_steps,
-                                           seed=int(setup.config.seed))
+    batches, n = [], 0
+    for batch in setup.data.eval[split]():
+      batches.append(batch)
+      n += int(np.sum(np.asarray(batch["example_mask"]) > 0))
+      if pgd_examples and n >= pgd_examples:
+        break
+    out["pgd"] = {**robustness.pgd_robustness(apply_fn, params, batches, kind,
+                                              [float(e) for e in epsilons], steps=pgd_steps,
+                                              seed=int(setup.config.seed)), "examples": n}
   if synonym_examples:
     ex = setup.data.examples[split]
     if kind != "classification" or len(ex.texts) != 1:

@@ -34,7 +34,7 @@ def load_workdir(workdir: str | pathlib.Path, which: str = "best"):
 
 def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
                      int8: bool = False, pgd_eps=(), pgd_steps: int = 10,
-                     synonym_examples: int = 0) -> dict:
+                     pgd_examples: int = 0, synonym_examples: int = 0) -> dict:
   """Metrics of the workdir's checkpoint; int8=True adds {"int8": {"eval", "size"}}: the same
   weights after post-training per-channel int8 quantization, and the size before and after.
   pgd_eps / synonym_examples add {"robustness": ...} (`evaluate.robustness_metrics`)."""
@@ -47,7 +47,7 @@ def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
     from jaxft.train.evaluate import robustness_metrics
     metrics = {**metrics, "robustness": robustness_metrics(
         setup, state, split, epsilons=pgd_eps, pgd_steps=pgd_steps,
-        synonym_examples=synonym_examples)}
+        pgd_examples=pgd_examples, synonym_examples=synonym_examples)}
   out = pathlib.Path(workdir) / f"eval_{split or setup.config.data.eval_split}_{which}.json"
   out.write_text(json.dumps(metrics, indent=2))
   return metrics

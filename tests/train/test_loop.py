@@ -176,9 +176,11 @@ def test_eval_of_a_finished_workdir_under_attack(supervised_run):
   m = evaluate_workdir(workdir, which="best", pgd_eps=[0.0, 100.0], pgd_steps=3,
                        synonym_examples=6)["robustness"]
   pgd = m["pgd"]
-  assert pgd["clean_accuracy"] == pytest.approx(results["best"]["accuracy"])
+  assert pgd["examples"] == 32 and pgd["clean_accuracy"] == pytest.approx(results["best"]["accuracy"])
   assert pgd["pgd_l2/0/accuracy"] == pytest.approx(pgd["clean_accuracy"])
   assert pgd["pgd_l2/100/accuracy"] <= pgd["clean_accuracy"]
   syn = m["synonyms"]
   assert syn["examples"] == 6 and 0.0 <= syn["accuracy_under_attack"] <= syn["clean_accuracy"]
   assert json.loads((workdir / "eval_validation_best.json").read_text())["robustness"] == m
+  first = evaluate_workdir(workdir, which="best", pgd_eps=[0.0], pgd_steps=1, pgd_examples=1)
+  assert first["robustness"]["pgd"]["examples"] == 16  # one eval batch (batch size 16)
