@@ -184,3 +184,19 @@ def test_eval_of_a_finished_workdir_under_attack(supervised_run):
   assert json.loads((workdir / "eval_validation_best.json").read_text())["robustness"] == m
   first = evaluate_workdir(workdir, which="best", pgd_eps=[0.0], pgd_steps=1, pgd_examples=1)
   assert first["robustness"]["pgd"]["examples"] == 16  # one eval batch (batch size 16)
+
+
+def test_inference_benchmark_of_a_finished_workdir(supervised_run, capsys):
+  """benchmarks/inference.py (the distillation table's examples/s column) on a finished run."""
+  import importlib.util
+  script = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
+  spec = importlib.util.spec_from_file_location("jaxft_bench_inference", script)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  workdir, results = supervised_run
+  row = mod.measure(str(workdir), repeats=1)
+  assert row["examples"] == 32 and row["examples_per_s"] > 0
+  assert row["params"] == results["total_params"]
+  assert row["metrics"]["accuracy"] == pytest.approx(results["best"]["accuracy"])
+  mod.main([str(workdir), "--repeats", "1"])
+  assert f"{100 * results['best']['accuracy']:.2f}" in capsys.readouterr().out
