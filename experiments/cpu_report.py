@@ -1,0 +1,119 @@
+"""Markdown tables from the runs of experiments/cpu_tables.sh (MiniLM-L6 on MR, one epoch, seed 0).
+
+    python experiments/cpu_report.py [workdirs/cpu]
+
+Reads each run's results.json (validation accuracy, trainable parameters, training examples/s,
+sparsity) and, for the adversarial rows, eval_validation_best.json (`jaxft eval --pgd-eps ...
+--synonym-attack ...`). Rows whose run is missing are left out. Step cost is training examples/s
+of the baseline over the row's (same machine; wall-clock, so other load on the machine shows).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+
+def _load(root: pathlib.Path, name: str):
+  path = root / name / "results.json"
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _acc(r) -> str:
+  return f"{100 * r['eval']['accuracy']:.2f}"
+
+
+def peft_table(root):
+  rows = [("full fine-tuning", "baseline"), ("BitFit", "peft-bitfit"), ("Houlsby adapter, 8", "peft-adapter_h8"),
+          ("LoRA r=8 (q, v)", "peft-lora"), ("DoRA r=8 (q, v)", "peft-dora"), ("(IA)^3", "peft-ia3"),
+          ("prefix, 16", "peft-prefix")]
+  out = ["| method | trainable | % | accuracy | train examples/s |", "| --- | ---: | ---: | ---: | ---: |"]
+  for label, name in rows:
+    r = _load(root, name)
+    if r:
+      out.append(f"| {label} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.3f} "
+                 f"| {_acc(r)} | {r['train_examples_per_s']:.1f} |")
+  return out
+
+
+def adversarial_table(root):
+  rows = [("baseline", "baseline"), ("FGM", "adv-fgm"), ("PGD-3", "adv-pgd"), ("FreeLB-3", "adv-freelb"),
+          ("SMART", "adv-smart"), ("VAT", "adv-vat")]
+  base = _load(root, "baseline")
+  eps = None
+  out = []
+  for label, name in rows:
+    r = _load(root, name)
+    e = root / name / "eval_validation_best.json"
+    if not r or not e.is_file():
+      continue
+    rob = json.loads(e.read_text()).get("robustness")
+    if not rob:
+      continue
+    pgd, syn = rob["pgd"], rob["synonyms"]
+    if eps is None:
+      eps = sorted((k.split("/")[1] for k in pgd if k.startswith("pgd_l2/")), key=float)
+      out += [f"| method | clean (all {_n(base)}) | clean ({pgd['examples']}) | "
+              + " | ".join(f"PGD eps {x}" for x in eps)
+              + f" | synonyms: clean / under attack ({syn['examples']}) | attack success | step cost |",
+              "| --- | ---: | ---: | " + " | ".join("---:" for _ in eps) + " | ---: | ---: | ---: |"]
+    cost = base["train_examples_per_s"] / r["train_examples_per_s"]
+    out.append(f"| {label} | {_acc(r)} | {100 * pgd['clean_accuracy']:.2f} | "
+               + " | ".join(f"{100 * pgd[f'pgd_l2/{x}/accuracy']:.2f}" for x in eps)
+               + f" | {100 * syn['clean_accuracy']:.0f} / {100 * syn['accuracy_under_attack']:.0f} | "
+               f"{100 * syn['attack_success_rate']:.1f}% | {cost:.2f}x |")
+  return out
+
+
+def _n(r) -> str:
+  return "1060" if r else "?"
+
+
+def _sparsity(root, name) -> str:
+  path = root / name / "metrics.jsonl"
+  last = None
+  for line in path.read_text().splitlines():
+    rec = json.loads(line)
+    if rec["kind"] == "train" and "sparsity/total" in rec:
+      last = rec["sparsity/total"]
+  return "0" if last is None else f"{max(100 * last, 0.0):.1f}%"
+
+
+def prune_table(root):
+  rows = [("dense", "baseline"), ("magnitude -> 90%", "prune-magnitude-0.9"),
+          ("magnitude -> 97%", "prune-magnitude-0.97"), ("movement -> 90%", "prune-movement-0.9"),
+          ("movement -> 90%, scores warm up for 34% of steps", "prune-movement-0.9-late"),
+          ("movement -> 97%", "prune-movement-0.97"), ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
+  out = ["| method | encoder sparsity reached | accuracy | train examples/s |", "| --- | ---: | ---: | ---: |"]
+  for label, name in rows:
+    r = _load(root, name)
+    if r:
+      out.append(f"| {label} | {_sparsity(root, name) if name != 'baseline' else '0'} | {_acc(r)} | "
+                 f"{r['train_examples_per_s']:.1f} |")
+  return out
+
+
+def distill_table(root):
+  rows = [("teacher: MiniLM-L6 fine-tuned", "baseline"),
+          ("student: teacher layers 0, 2, 4, labels only (alpha 1)", "kd-half_alone"),
+          ("student: same, distilled (alpha 0.5, T 2)", "kd-half")]
+  out = ["| model | params | accuracy |", "| --- | ---: | ---: |"]
+  for label, name in rows:
+    r = _load(root, name)
+    if r:
+      out.append(f"| {label} | {r['total_params'] / 1e6:.1f}M | {_acc(r)} |")
+  return out
+
+
+def main(argv=None):
+  root = pathlib.Path((argv or sys.argv[1:] or ["workdirs/cpu"])[0])
+  for title, fn in (("PEFT", peft_table), ("Adversarial", adversarial_table),
+                    ("Pruning", prune_table), ("Distillation", distill_table)):
+    print(f"{title}\n")
+    print("\n".join(fn(root)))
+    print()
+
+
+if __name__ == "__main__":
+  main()
