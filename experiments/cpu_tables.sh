@@ -34,13 +34,16 @@ for stage in $STAGES; do case $stage in
   adv)
     train adv-fgm experiments/adversarial_glue.py:mr,fgm; robust adv-fgm ;;
   adv2)
-    for o in freelb smart; do train "adv-$o" "experiments/adversarial_glue.py:mr,$o"; robust "adv-$o"; done ;;
+    for o in freelb smart pgd vat; do train "adv-$o" "experiments/adversarial_glue.py:mr,$o"; robust "adv-$o"; done ;;
   prune)
     for m in magnitude movement soft_movement; do
       train "prune-$m-0.9" "experiments/prune_movement.py:$m,0.9,mr"
     done ;;
   prune2)
-    for m in magnitude movement; do train "prune-$m-0.97" "experiments/prune_movement.py:$m,0.97,mr"; done ;;
+    for m in magnitude movement; do train "prune-$m-0.97" "experiments/prune_movement.py:$m,0.97,mr"; done
+    # movement with a third of the run for the scores to learn before any weight is masked
+    train prune-movement-0.9-late experiments/prune_movement.py:movement,0.9,mr \
+        --config.prune.begin_fraction=0.34 --config.prune.end_fraction=0.9 ;;
   peft)
     for m in lora bitfit ia3 adapter_h8 prefix dora; do train "peft-$m" "experiments/peft_table.py:$m:mr"; done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
