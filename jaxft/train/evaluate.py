@@ -96,6 +96,13 @@ def robustness_metrics(setup, state, split: str | None = None, *, epsilons=(), p
   kind = setup.data.info.kind
   apply_fn = setup.apply_fn or setup.model.apply
   params = jax.jit(setup.eval_params)(state.trainable, state.frozen, state.extras)
+  synonyms = None
+  if synonym_examples:  # checked before any attack runs
+    ex = setup.data.examples[split]
+    if kind != "classification" or len(ex.texts) != 1:
+      raise ValueError("the synonym attack needs a single-text classification task; "
+                       f"{setup.data.info.name} has {len(ex.texts)} text column(s), kind {kind}")
+    synonyms = robustness.WordNet()
   out = {}
   if epsilons:
     batches, n = [], 0
@@ -107,16 +114,12 @@ def robustness_metrics(setup, state, split: str | None = None, *, epsilons=(), p
     out["pgd"] = {**robustness.pgd_robustness(apply_fn, params, batches, kind,
                                               [float(e) for e in epsilons], steps=pgd_steps,
                                               seed=int(setup.config.seed)), "examples": n}
-  if synonym_examples:
-    ex = setup.data.examples[split]
-    if kind != "classification" or len(ex.texts) != 1:
-      raise ValueError("the synonym attack needs a single-text classification task; "
-                       f"{setup.data.info.name} has {len(ex.texts)} text column(s), kind {kind}")
+  if synonyms is not None:
     n = min(int(synonym_examples), len(ex))
     predict = robustness.text_classifier(apply_fn, params, load_tokenizer(setup.config.model.name),
                                          max_length=int(setup.config.data.max_length))
     result = robustness.word_substitution_attack(predict, ex.texts[0][:n], ex.labels[:n],
-                                                 robustness.WordNet(),
+                                                 synonyms,
                                                  max_swap_fraction=max_swap_fraction)
     out["synonyms"] = {**result.metrics, "examples": n}
   return out
