@@ -24,17 +24,25 @@ def _acc(r) -> str:
   return f"{100 * r['eval']['accuracy']:.2f}"
 
 
+def _table(root, header, rows, cells):
+  """Markdown lines: the header row, its rule, and "| label | cells(results, run name) |" for each
+  (label, run name) whose run finished."""
+  out = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+  for label, name in rows:
+    r = _load(root, name)
+    if r:
+      out.append("| " + " | ".join([label, *cells(r, name)]) + " |")
+  return out
+
+
 def peft_table(root):
   rows = [("full fine-tuning", "baseline"), ("BitFit", "peft-bitfit"), ("Houlsby adapter, 8", "peft-adapter_h8"),
           ("LoRA r=8 (q, v)", "peft-lora"), ("DoRA r=8 (q, v)", "peft-dora"), ("(IA)^3", "peft-ia3"),
           ("prefix, 16", "peft-prefix")]
-  out = ["| method | trainable | % | accuracy | train examples/s |", "| --- | ---: | ---: | ---: | ---: |"]
-  for label, name in rows:
-    r = _load(root, name)
-    if r:
-      out.append(f"| {label} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.3f} "
-                 f"| {_acc(r)} | {r['train_examples_per_s']:.1f} |")
-  return out
+  return _table(root, ("method", "trainable", "%", "accuracy", "train examples/s"), rows,
+                lambda r, _: (f"{r['trainable_params']:,}",
+                              f"{100 * r['trainable_params'] / r['total_params']:.3f}", _acc(r),
+                              f"{r['train_examples_per_s']:.1f}"))
 
 
 def adversarial_table(root):
@@ -54,7 +62,7 @@ def adversarial_table(root):
     pgd, syn = rob["pgd"], rob["synonyms"]
     if eps is None:
       eps = sorted((k.split("/")[1] for k in pgd if k.startswith("pgd_l2/")), key=float)
-      out += [f"| method | clean (all {_n(base)}) | clean ({pgd['examples']}) | "
+      out += [f"| method | clean (all {_n_validation(root, 'baseline')}) | clean ({pgd['examples']}) | "
               + " | ".join(f"PGD eps {x}" for x in eps)
               + f" | synonyms: clean / under attack ({syn['examples']}) | attack success | step cost |",
               "| --- | ---: | ---: | " + " | ".join("---:" for _ in eps) + " | ---: | ---: | ---: |"]
@@ -66,8 +74,13 @@ def adversarial_table(root):
   return out
 
 
-def _n(r) -> str:
-  return "1060" if r else "?"
+def _n_validation(root, name) -> str:
+  """Validation examples of a run, from the info record its metrics.jsonl starts with."""
+  for line in (root / name / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if "data/validation/n_examples" in rec:
+      return str(rec["data/validation/n_examples"])
+  return "?"
 
 
 def _sparsity(root, name) -> str:
@@ -85,25 +98,17 @@ def prune_table(root):
           ("magnitude -> 97%", "prune-magnitude-0.97"), ("movement -> 90%", "prune-movement-0.9"),
           ("movement -> 90%, scores warm up for 34% of steps", "prune-movement-0.9-late"),
           ("movement -> 97%", "prune-movement-0.97"), ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
-  out = ["| method | encoder sparsity reached | accuracy | train examples/s |", "| --- | ---: | ---: | ---: |"]
-  for label, name in rows:
-    r = _load(root, name)
-    if r:
-      out.append(f"| {label} | {_sparsity(root, name) if name != 'baseline' else '0'} | {_acc(r)} | "
-                 f"{r['train_examples_per_s']:.1f} |")
-  return out
+  return _table(root, ("method", "encoder sparsity reached", "accuracy", "train examples/s"), rows,
+                lambda r, name: ("0" if name == "baseline" else _sparsity(root, name), _acc(r),
+                                 f"{r['train_examples_per_s']:.1f}"))
 
 
 def distill_table(root):
   rows = [("teacher: MiniLM-L6 fine-tuned", "baseline"),
           ("student: teacher layers 0, 2, 4, labels only (alpha 1)", "kd-half_alone"),
           ("student: same, distilled (alpha 0.5, T 2)", "kd-half")]
-  out = ["| model | params | accuracy |", "| --- | ---: | ---: |"]
-  for label, name in rows:
-    r = _load(root, name)
-    if r:
-      out.append(f"| {label} | {r['total_params'] / 1e6:.1f}M | {_acc(r)} |")
-  return out
+  return _table(root, ("model", "params", "accuracy"), rows,
+                lambda r, _: (f"{r['total_params'] / 1e6:.1f}M", _acc(r)))
 
 
 def main(argv=None):

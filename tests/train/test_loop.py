@@ -200,3 +200,23 @@ def test_inference_benchmark_of_a_finished_workdir(supervised_run, capsys):
   assert row["metrics"]["accuracy"] == pytest.approx(results["best"]["accuracy"])
   mod.main([str(workdir), "--repeats", "1"])
   assert f"{100 * results['best']['accuracy']:.2f}" in capsys.readouterr().out
+
+
+def test_cpu_report_tabulates_finished_runs(supervised_run, tmp_path):
+  """experiments/cpu_report.py reads real workdirs: a finished run named like the baseline fills
+  the dense rows, and runs that are missing are left out."""
+  import importlib.util
+  import shutil
+  script = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "cpu_report.py"
+  spec = importlib.util.spec_from_file_location("jaxft_cpu_report", script)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  workdir, results = supervised_run
+  shutil.copytree(workdir, tmp_path / "baseline")
+  acc = f"{100 * results['eval']['accuracy']:.2f}"
+  peft = mod.peft_table(tmp_path)
+  assert len(peft) == 3 and peft[2].startswith("| full fine-tuning |") and acc in peft[2]
+  assert f"{results['total_params']:,}" in peft[2]
+  prune = mod.prune_table(tmp_path)
+  assert len(prune) == 3 and prune[2].startswith(f"| dense | 0 | {acc} |")
+  assert mod._n_validation(tmp_path, "baseline") == "32"
