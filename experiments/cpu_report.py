@@ -74,23 +74,22 @@ def adversarial_table(root):
   return out
 
 
+def _records(root, name):
+  return [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+
+
 def _n_validation(root, name) -> str:
   """Validation examples of a run, from the info record its metrics.jsonl starts with."""
-  for line in (root / name / "metrics.jsonl").read_text().splitlines():
-    rec = json.loads(line)
-    if "data/validation/n_examples" in rec:
-      return str(rec["data/validation/n_examples"])
-  return "?"
+  found = [r["data/validation/n_examples"] for r in _records(root, name)
+           if "data/validation/n_examples" in r]
+  return str(found[0]) if found else "?"
 
 
 def _sparsity(root, name) -> str:
-  path = root / name / "metrics.jsonl"
-  last = None
-  for line in path.read_text().splitlines():
-    rec = json.loads(line)
-    if rec["kind"] == "train" and "sparsity/total" in rec:
-      last = rec["sparsity/total"]
-  return "0" if last is None else f"{max(100 * last, 0.0):.1f}%"
+  """The last logged sparsity/total of a pruning run."""
+  found = [r["sparsity/total"] for r in _records(root, name)
+           if r["kind"] == "train" and "sparsity/total" in r]
+  return f"{max(100 * found[-1], 0.0):.1f}%" if found else "0"
 
 
 def prune_table(root):

@@ -20,6 +20,15 @@ from jaxft.train import mesh as mesh_lib
 from jaxft.train.state import flatten
 
 
+def resolve_split(setup, split: str | None = None) -> str:
+  """The eval split to score: `split`, or the first of data.eval_split; KeyError if the task
+  lacks it."""
+  split = split or str(setup.config.data.eval_split).split(",")[0].strip()
+  if split not in setup.data.eval:
+    raise KeyError(f"no eval split {split!r}; the task has {sorted(setup.data.eval)}")
+  return split
+
+
 class Evaluator:
   """Scores one eval split (data.eval_split; the first of a comma-separated list by default).
 
@@ -28,9 +37,7 @@ class Evaluator:
 
   def __init__(self, setup, split: str | None = None, forward=None):
     self.setup = setup
-    self.split = split or str(setup.config.data.eval_split).split(",")[0].strip()
-    if self.split not in setup.data.eval:
-      raise KeyError(f"no eval split {self.split!r}; the task has {sorted(setup.data.eval)}")
+    self.split = resolve_split(setup, split)
     if forward is None:
       apply_fn = setup.apply_fn or setup.model.apply
       jitted = jax.jit(
@@ -90,9 +97,7 @@ def robustness_metrics(setup, state, split: str | None = None, *, epsilons=(), p
   `synonym_examples` texts (single-text tasks)."""
   from jaxft.eval import robustness
   from jaxft.train.setup import load_tokenizer
-  split = split or str(setup.config.data.eval_split).split(",")[0].strip()
-  if split not in setup.data.eval:
-    raise KeyError(f"no eval split {split!r}; the task has {sorted(setup.data.eval)}")
+  split = resolve_split(setup, split)
   kind = setup.data.info.kind
   apply_fn = setup.apply_fn or setup.model.apply
   params = jax.jit(setup.eval_params)(state.trainable, state.frozen, state.extras)

@@ -13,7 +13,6 @@ import logging
 import math
 from typing import Any, Callable
 
-
 from jaxft import assets
 from jaxft.objectives import registry as objectives
 from jaxft.objectives.base import make_step
