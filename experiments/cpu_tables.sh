@@ -3,11 +3,11 @@
 # movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu), seed 0. Runs in about
 # 1 h 45 min on 2 CPU cores (measured 2026-11-27); finished runs (results.json present) are skipped, so it resumes.
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
-# stages: base distill adv prune peft adv2 prune2 (default: all, in that order). The numbers and
+# stages: base distill adv prune peft adv2 prune2 mpnet long semi (default: all, in that order). The numbers and
 # the machine they came from are in README ("CPU-sized tables").
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
-STAGES=${*:-base distill adv prune peft adv2 prune2}
+STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi}
 EPS=1,2,4
 
 train() {  # train <name> <config spec> [overrides...]
@@ -46,5 +46,19 @@ for stage in $STAGES; do case $stage in
         --config.prune.begin_fraction=0.34 --config.prune.end_fraction=0.9 ;;
   peft)
     for m in lora bitfit ia3 adapter_h8 prefix dora; do train "peft-$m" "experiments/peft_table.py:$m:mr"; done ;;
+  mpnet)  # the distillation table's MPNet-base teacher, and a MiniLM-L6 student of it
+    train mpnet-teacher experiments/quickstart.py --config.model.name=mpnet-base \
+        --config.train.learning_rate=5e-5
+    [[ -d $ROOT/mpnet-teacher/export ]] || \
+        jaxft export --workdir "$ROOT/mpnet-teacher" --out "$ROOT/mpnet-teacher/export"
+    train kd-mpnet-l6 experiments/distill_mpnet_minilm.py:mr \
+        "--config.distill.teacher=$ROOT/mpnet-teacher/export" ;;
+  long)  # three epochs, the first for the scores to learn before any weight is masked
+    for m in movement magnitude; do
+      train "prune-$m-0.9-3ep" "experiments/prune_movement.py:$m,0.9,mr" --config.train.num_epochs=3 \
+          --config.prune.begin_fraction=0.34 --config.prune.end_fraction=0.8
+    done ;;
+  semi)  # MR with 50 labels per class: labeled only vs FixMatch and UDA, 2000 steps of batch 8
+    for a in supervised fixmatch uda; do train "usb-mr100-$a" "experiments/semisup_usb.py:mr_100/$a"; done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac; done

@@ -24,7 +24,7 @@ from jaxft import config as config_lib
 from jaxft.train import checkpoint as ckpt_lib
 from jaxft.train import mesh as mesh_lib
 from jaxft.train.evaluate import Evaluator
-from jaxft.train.setup import Setup, build_setup
+from jaxft.train.setup import Setup, build_setup, train_key
 from jaxft.train.writers import MetricWriter, Progress
 
 log = logging.getLogger("jaxft")
@@ -167,7 +167,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   ckpt_every = config.train.checkpoint_every or eval_every
   log_every = max(int(config.train.log_every), 1)
   patience = int(config.train.early_stopping_patience)
-  rng = jax.random.key(config.seed)
+  rng = train_key(config)
   progress = Progress(s.total_steps, start_step, enabled=config.train.progress)
   last_skipped, last_log_step = 0.0, start_step
   last_train = None

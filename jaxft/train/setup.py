@@ -13,6 +13,8 @@ import logging
 import math
 from typing import Any, Callable
 
+import jax
+
 from jaxft import assets
 from jaxft.objectives import registry as objectives
 from jaxft.objectives.base import make_step
@@ -144,6 +146,21 @@ def _check_max_length(max_length: int, hf_config) -> None:
                      f"--config.data.max_length={n} or less.")
 
 
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def train_key(config) -> jax.Array:
+  """The key every training step's dropout and noise derive from (seed, train.rng_impl).
+  threefry2x32 is JAX's default; rbg / unsafe_rbg draw with XLA's RngBitGenerator, which costs
+  less on GPU and TPU for the hundreds of MB of dropout bits a BERT-base step draws
+  (benchmarks/diag/dot_census.py), and give a different (equally seeded) random stream."""
+  impl = config.train.rng_impl
+  if impl not in RNG_IMPLS:
+    raise ValueError(f"train.rng_impl={impl!r} is not a JAX PRNG implementation jaxft supports; "
+                     f"use one of {', '.join(RNG_IMPLS)}")
+  return jax.random.key(config.seed, impl=impl)
+
+
 def build_setup(config, devices=None) -> Setup:
   from jaxft import peft
   from jaxft.data import pipeline
@@ -152,6 +169,7 @@ def build_setup(config, devices=None) -> Setup:
   from jaxft.quant import qat
   from jaxft.train import averaging, compress, spike
 
+  train_key(config)  # a bad train.rng_impl fails here, before data and model load
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch_divides(config.train.batch_size, mesh)
   mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh, "train.eval_batch_size")

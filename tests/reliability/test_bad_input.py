@@ -54,6 +54,13 @@ def test_misspelt_key_suggests_the_closest(tmp_path, tiny_model, capsys, no_comp
   assert not (tmp_path / "run").exists()  # refused before the workdir was touched
 
 
+def test_unknown_rng_impl_names_the_choices(tmp_path, tiny_model, capsys, no_compile):
+  code, err = train(capsys, tmp_path / "run", tiny_model, "--config.train.rng_impl=philox")
+  assert code == 2
+  line = error_line(err)
+  assert "train.rng_impl='philox'" in line and "threefry2x32, rbg, unsafe_rbg" in line
+
+
 def test_wrong_type_names_the_key_and_the_expected_type(tmp_path, tiny_model, capsys, no_compile):
   code, err = train(capsys, tmp_path / "run", tiny_model, "--config.train.num_steps=ten")
   assert code == 2

@@ -66,6 +66,17 @@ def test_supervised_run_fills_the_workdir(supervised_run):
   assert (workdir / "config.json").is_file() and (workdir / "checkpoints" / "best").is_dir()
 
 
+def test_rbg_dropout_keys_train_the_same_model_with_another_stream(supervised_run, tiny_bert_dir,
+                                                                   tmp_path):
+  results = train_and_evaluate(make_config(tiny_bert_dir, data__bucket_boundaries="16,32",
+                                           train__rng_impl="rbg"), tmp_path / "run")
+  losses = [r["loss"] for r in rows(tmp_path / "run", "train")]
+  threefry = [r["loss"] for r in rows(supervised_run[0], "train")]
+  assert losses[0] != threefry[0]  # dropout draws differ from the first step on
+  assert np.mean(losses[-4:]) < np.mean(losses[:4])  # and it fits the 64 examples all the same
+  assert 1 <= results["compilations"] <= 2
+
+
 def test_ema_swa_and_plateau_from_config(tiny_bert_dir, tmp_path):
   cfg = make_config(tiny_bert_dir, train__ema_decay=0.9, train__swa_start=4, train__swa_every=2,
                     train__eval_with="swa", train__schedule="plateau", train__plateau_patience=0)

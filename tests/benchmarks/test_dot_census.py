@@ -1,0 +1,34 @@
+"""benchmarks/diag/dot_census.py: the FLOPs it reads off the step's jaxpr agree with the model-FLOPs
+formula, and it sorts dots by operand dtype."""
+
+import importlib.util
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def census_module():
+  spec = importlib.util.spec_from_file_location("dot_census", ROOT / "benchmarks/diag/dot_census.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_bf16_step_matches_the_flops_formula_and_names_the_float32_dots(capsys):
+  assert census_module().main(["--tiny", "--seq", "32", "--batch", "4"]) == 0
+  out = capsys.readouterr().out
+  ratio = float(re.search(r"\(([\d.]+)x the model-FLOPs formula", out).group(1))
+  assert ratio == 1.0  # every matmul of forward + backward counted once, nothing extra
+  shares = {m[0]: float(m[1]) for m in re.findall(r"\| (\S+ x \S+ -> \S+) \| \d+ \| [\d.]+ \| ([\d.]+)%", out)}
+  assert shares["bfloat16 x bfloat16 -> bfloat16"] > 50.0
+  assert abs(sum(shares.values()) - 100.0) < 0.1
+  # the float32 attention probabilities times bf16 values: listed with their shapes
+  assert "largest dots with an operand not in bfloat16" in out and "(4, 2, 32, 1, 32)" in out
+  assert float(re.search(r"random bits drawn: ([\d.]+) MB", out).group(1)) > 0
+
+
+def test_float32_step_has_only_float32_dots(capsys):
+  assert census_module().main(["--tiny", "--seq", "16", "--batch", "2", "--dtype", "float32"]) == 0
+  out = capsys.readouterr().out
+  assert re.findall(r"\| (\S+ x \S+ -> \S+) \|", out) == ["float32 x float32 -> float32"]
