@@ -235,6 +235,14 @@ def sparsity_metrics(masks: Mapping) -> dict:
   return out
 
 
+def mask_change(old: Mapping, new: Mapping) -> jax.Array:
+  """Fraction of the prunable weights whose mask flipped (either way) between two mask sets. With
+  sparsity rising by d, at least d flip; anything above that is churn: weights pruned and revived
+  in place of others (movement scores that still carry little signal churn a lot)."""
+  flipped = sum(jnp.sum(old[k] != new[k], dtype=jnp.float32) for k in new)
+  return flipped / max(sum(m.size for m in new.values()), 1)
+
+
 def one_shot_magnitude(trainable: Flat, frozen: Flat, sparsity: float, *, scope: str = "global",
                        pattern: str = PRUNABLE) -> tuple[Flat, dict]:
   """Prunes once by magnitude -> (trainable with pruned weights zeroed, extras {"masks": ...}) for
@@ -336,11 +344,13 @@ def make_prune_step(apply_fn, terms: Mapping[str, Weighted], tx: optax.GradientT
                          extras={**state.extras, "masks": masks})
 
   def step(state: TrainState, batch, rng):
+    old_masks = state.extras["masks"]
     if method == "magnitude":
       state = jax.lax.cond(schedule.is_update_step(state.step), recompute_magnitude,
                            lambda s: s, state)
     new_state, metrics = inner(state, batch, rng)
-    metrics = {**metrics, **sparsity_metrics(new_state.extras["masks"])}
+    metrics = {**metrics, **sparsity_metrics(new_state.extras["masks"]),
+               "sparsity/changed": mask_change(old_masks, new_state.extras["masks"])}
     if schedule is not None:
       metrics["sparsity/target"] = schedule(state.step)
     return new_state, metrics

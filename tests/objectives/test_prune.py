@@ -156,6 +156,9 @@ def test_gradual_magnitude_holds_cubic_schedule_and_pruned_weights_stay_zero(ber
     assert pruned == round(s_t * n), (t, pruned, s_t * n)
     np.testing.assert_allclose(m["sparsity/total"], pruned / n, rtol=1e-6)
     np.testing.assert_allclose(m["sparsity/target"], s_t, rtol=1e-6)
+    # magnitude masks only shrink here, so what flipped is exactly what this step pruned
+    newly = pruned - (0 if prev is None else n - sum(int(v.sum()) for v in prev.values()))
+    np.testing.assert_allclose(m["sparsity/changed"], newly / n, rtol=1e-6, atol=1e-9)
     for k, mk in masks.items():  # exact zeros through AdamW moments and weight decay
       assert np.all(np.asarray(state.trainable[k])[~np.asarray(mk)] == 0.0), (t, k)
       if prev is not None and not sched.is_update_step(t):
