@@ -96,7 +96,9 @@ def prune_table(root):
   rows = [("dense", "baseline"), ("magnitude -> 90%", "prune-magnitude-0.9"),
           ("magnitude -> 97%", "prune-magnitude-0.97"), ("movement -> 90%", "prune-movement-0.9"),
           ("movement -> 90%, scores warm up for 34% of steps", "prune-movement-0.9-late"),
-          ("movement -> 97%", "prune-movement-0.97"), ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
+          ("movement -> 97%", "prune-movement-0.97"),
+          ("magnitude -> 90%, 3 epochs", "prune-magnitude-0.9-3ep"),
+          ("movement -> 90%, 3 epochs, scores alone for the first", "prune-movement-0.9-3ep"), ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
   return _table(root, ("method", "encoder sparsity reached", "accuracy", "train examples/s"), rows,
                 lambda r, name: ("0" if name == "baseline" else _sparsity(root, name), _acc(r),
                                  f"{r['train_examples_per_s']:.1f}"))
@@ -105,15 +107,27 @@ def prune_table(root):
 def distill_table(root):
   rows = [("teacher: MiniLM-L6 fine-tuned", "baseline"),
           ("student: teacher layers 0, 2, 4, labels only (alpha 1)", "kd-half_alone"),
-          ("student: same, distilled (alpha 0.5, T 2)", "kd-half")]
+          ("student: same, distilled (alpha 0.5, T 2)", "kd-half"),
+          ("teacher: MPNet-base fine-tuned", "mpnet-teacher"),
+          ("student: MiniLM-L6, labels only (= the MiniLM teacher above)", "baseline"),
+          ("student: MiniLM-L6, distilled from MPNet-base (alpha 0.5, T 2)", "kd-mpnet-l6")]
   return _table(root, ("model", "params", "accuracy"), rows,
                 lambda r, _: (f"{r['total_params'] / 1e6:.1f}M", _acc(r)))
+
+
+def semisup_table(root):
+  """MR with 50 labels per class (experiments/semisup_usb.py:mr_100/<algorithm>)."""
+  rows = [("labeled only", "usb-mr100-supervised"), ("FixMatch", "usb-mr100-fixmatch"),
+          ("UDA", "usb-mr100-uda")]
+  return _table(root, ("algorithm", "accuracy", "error %"), rows,
+                lambda r, _: (_acc(r), f"{100 - 100 * r['eval']['accuracy']:.2f}"))
 
 
 def main(argv=None):
   root = pathlib.Path((argv or sys.argv[1:] or ["workdirs/cpu"])[0])
   for title, fn in (("PEFT", peft_table), ("Adversarial", adversarial_table),
-                    ("Pruning", prune_table), ("Distillation", distill_table)):
+                    ("Pruning", prune_table), ("Distillation", distill_table),
+                    ("Semi-supervised, MR-100", semisup_table)):
     print(f"{title}\n")
     print("\n".join(fn(root)))
     print()

@@ -1,5 +1,5 @@
-"""benchmarks/diag/dot_census.py: the FLOPs it reads off the step's jaxpr agree with the model-FLOPs
-formula, and it sorts dots by operand dtype."""
+"""benchmarks/diag: dot_census.py's FLOPs read off the step's jaxpr agree with the model-FLOPs
+formula and are sorted by operand dtype; memory_plan.py compares the compiled steps' buffers."""
 
 import importlib.util
 import pathlib
@@ -32,3 +32,16 @@ def test_float32_step_has_only_float32_dots(capsys):
   assert census_module().main(["--tiny", "--seq", "16", "--batch", "2", "--dtype", "float32"]) == 0
   out = capsys.readouterr().out
   assert re.findall(r"\| (\S+ x \S+ -> \S+) \|", out) == ["float32 x float32 -> float32"]
+
+
+def test_memory_plan_lora_needs_less_than_full_fine_tuning(capsys):
+  spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks/diag/memory_plan.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.main(["--tiny", "--seq", "16", "--batch", "8"]) == 0
+  rows = {m[0]: m for m in re.findall(r"\| (\w+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|",
+                                      capsys.readouterr().out)}
+  full, lora = rows["supervised"], rows["lora"]
+  assert float(full[5]) == 1.0 and float(lora[5]) < 1.0
+  assert int(lora[1].replace(",", "")) < int(full[1].replace(",", "")) / 10
+  assert float(lora[2]) < float(full[2])  # no Adam moments for the frozen weights
