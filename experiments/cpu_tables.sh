@@ -52,7 +52,11 @@ for stage in $STAGES; do case $stage in
     [[ -d $ROOT/mpnet-teacher/export ]] || \
         jaxft export --workdir "$ROOT/mpnet-teacher" --out "$ROOT/mpnet-teacher/export"
     train kd-mpnet-l6 experiments/distill_mpnet_minilm.py:mr \
-        "--config.distill.teacher=$ROOT/mpnet-teacher/export" ;;
+        "--config.distill.teacher=$ROOT/mpnet-teacher/export"
+    # MiniLM-L3 size: layers 0, 2, 4 of the pretrained MiniLM-L6, distilled or on labels alone
+    train kd-mpnet-l3 experiments/distill_mpnet_minilm.py:mr --config.model.keep_layers=0,2,4 \
+        "--config.distill.teacher=$ROOT/mpnet-teacher/export"
+    train l3-alone experiments/quickstart.py --config.model.keep_layers=0,2,4 ;;
   long)  # three epochs, the first for the scores to learn before any weight is masked
     for m in movement magnitude; do
       train "prune-$m-0.9-3ep" "experiments/prune_movement.py:$m,0.9,mr" --config.train.num_epochs=3 \

@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
       pooling="",  # "" = family default (pooler/cls); or pooler / cls / mean
       dtype="float32",  # compute dtype: float32 or bfloat16 (params stay float32)
       remat=False,
+      keep_layers="",  # e.g. "0,2,4": a shallower model of only these layers of the checkpoint
       attention_impl="",  # "" = auto (cuDNN flash on GPU), xla, cudnn
       hidden_dropout=-1.0,  # < 0: keep the checkpoint's value
       attention_dropout=-1.0,

@@ -37,18 +37,17 @@ def sub_jaxprs(eqn):
 
 
 def dot_flops(eqn) -> float:
-  (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   lhs, rhs = (v.aval.shape for v in eqn.invars)
   batch = np.prod([lhs[d] for d in lb], dtype=np.float64)
   k = np.prod([lhs[d] for d in lc], dtype=np.float64)
   m = np.prod([s for d, s in enumerate(lhs) if d not in lc and d not in lb], dtype=np.float64)
-  n = np.prod([s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params["dimension_numbers"][1][1]],
-              dtype=np.float64)
+  n = np.prod([s for d, s in enumerate(rhs) if d not in rc and d not in rb], dtype=np.float64)
   return 2.0 * batch * m * n * k
 
 
 def census(jaxpr, dots: list, bits: list, times: int = 1) -> None:
-  """Appends (flops, dtypes, shapes) per dot and the random bits drawn; `times` counts loop trips."""
+  """Appends (flops, dtypes, shapes) per dot and the random bits drawn; `times`: loop trips."""
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "dot_general":

@@ -1,6 +1,6 @@
 """The memory XLA plans for a step, without running it: LoRA against full fine-tuning.
 
-    python benchmarks/diag/memory_plan.py [--kinds supervised,lora] [--seq 128] [--batch 64] [--tiny]
+    python benchmarks/diag/memory_plan.py [--kinds supervised,lora] [--seq 128] [--batch 64]
 
 Builds each step kind the way benchmarks/throughput.py does (BERT-base, bf16 compute, float32
 params, AdamW, donated state), compiles it for the local backend and prints XLA's buffer plan:
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
   cfg = ns["bert_config"](args)
   print(f"BERT {'tiny' if a.tiny else 'base'}, seq {a.seq} x batch {a.batch}, {a.dtype} compute, "
         f"{'remat, ' if a.remat else ''}backend {jax.default_backend()}")
-  print("| kind | trainable params | arguments MB | temporaries MB | total - aliased MB | vs first |")
+  print("| kind | trainable params | arguments MB | temporaries MB | total - aliased MB "
+        "| vs first |")
   print("| --- | ---: | ---: | ---: | ---: | ---: |")
   first = None
   for kind in a.kinds.split(","):

@@ -56,14 +56,14 @@ class Teacher:
   layers: tuple[int, ...] | None  # student_layers, when the student is built from the teacher
 
 
-def parse_layers(spec: str) -> tuple[int, ...] | None:
+def parse_layers(spec: str, key: str = "distill.student_layers") -> tuple[int, ...] | None:
   spec = str(spec).strip()
   if not spec:
     return None
   try:
     return tuple(int(x) for x in spec.split(","))
   except ValueError:
-    raise ValueError(f"distill.student_layers={spec!r}: expected comma-separated layer indices "
+    raise ValueError(f"{key}={spec!r}: expected comma-separated layer indices "
                      "such as '0,2,4,6,8,10'") from None
 
 

@@ -170,6 +170,11 @@ def build_setup(config, devices=None) -> Setup:
   from jaxft.train import averaging, compress, spike
 
   train_key(config)  # a bad train.rng_impl fails here, before data and model load
+  keep = compress.parse_layers(config.model.keep_layers, "model.keep_layers")
+  if keep and config.distill.student_layers:
+    raise ValueError("model.keep_layers and distill.student_layers both pick layers; a student "
+                     "built from teacher layers ignores model.name: set only "
+                     "distill.student_layers")
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch_divides(config.train.batch_size, mesh)
   mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh, "train.eval_batch_size")
@@ -213,6 +218,13 @@ def build_setup(config, devices=None) -> Setup:
     log.info("student: teacher layers %s", teacher.layers)
   else:
     model = from_pretrained(assets.resolve_model(config.model.name), **kwargs)
+    if keep:  # a shallower model from the checkpoint's own layers (same rule as a student's)
+      try:
+        model = compress.student_from_teacher(compress.Teacher(model, keep), **kwargs)
+      except ValueError as e:
+        raise ValueError(f"model.keep_layers={config.model.keep_layers!r} does not fit "
+                         f"{config.model.name}: {e}") from None
+      log.info("model: layers %s of %s", keep, config.model.name)
   _check_max_length(config.data.max_length, model.config)
   num_layers = _num_layers(model.config)
   flat = flatten(model.params)

@@ -61,6 +61,12 @@ def test_unknown_rng_impl_names_the_choices(tmp_path, tiny_model, capsys, no_com
   assert "train.rng_impl='philox'" in line and "threefry2x32, rbg, unsafe_rbg" in line
 
 
+def test_keep_layers_that_are_not_indices_name_the_key(tmp_path, tiny_model, capsys, no_compile):
+  code, err = train(capsys, tmp_path / "run", tiny_model, "--config.model.keep_layers=first")
+  assert code == 2
+  assert "model.keep_layers='first': expected comma-separated layer indices" in error_line(err)
+
+
 def test_wrong_type_names_the_key_and_the_expected_type(tmp_path, tiny_model, capsys, no_compile):
   code, err = train(capsys, tmp_path / "run", tiny_model, "--config.train.num_steps=ten")
   assert code == 2

@@ -119,6 +119,23 @@ def test_distillation_from_an_exported_teacher(supervised_run, tiny_bert_dir, tm
   assert results["total_params"] < supervised_run[1]["total_params"]
 
 
+def test_keep_layers_builds_a_shallower_model_from_the_checkpoint(tiny_bert_dir, tmp_path):
+  from jaxft.models import from_pretrained
+  from jaxft.train.setup import build_setup
+  from jaxft.train.state import flatten
+  full = flatten(from_pretrained(str(tiny_bert_dir), head="sequence_classification",
+                                 num_labels=2).params)
+  s = build_setup(make_config(tiny_bert_dir, model__keep_layers="1"))
+  assert s.model.config.num_hidden_layers == 1
+  params = {**s.state.trainable, **s.state.frozen}
+  layer0 = {k: v for k, v in params.items() if "/layer_0/" in k}
+  assert layer0 and not any("/layer_1/" in k for k in params)
+  for k, v in layer0.items():  # checkpoint layer 1 is the model's only layer
+    np.testing.assert_array_equal(v, full[k.replace("/layer_0/", "/layer_1/")])
+  with pytest.raises(ValueError, match=r"model.keep_layers='0,5' does not fit"):
+    build_setup(make_config(tiny_bert_dir, model__keep_layers="0,5"))
+
+
 def test_distillation_refuses_a_teacher_without_a_trained_head(tiny_bert_dir, tmp_path):
   cfg = make_config(tiny_bert_dir, distill__teacher=str(tiny_bert_dir))
   with pytest.raises(ValueError, match="no trained"):
