@@ -8,7 +8,11 @@ caches its logits, and builds the pruning schedule and the quantization spec.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import pathlib
 from typing import Any
 
 import jax
@@ -126,6 +130,11 @@ def cache_teacher_logits(teacher: Teacher, config, data, mesh_put) -> np.ndarray
                           tokenizer_id=tokenize.tokenizer_fingerprint(tok))
   else:
     enc = data.encoded[train_split]
+  path = _logits_path(config, teacher, enc, data.boundaries)
+  if path.is_file():
+    logits = np.load(path)
+    log.info("teacher logits for %d train examples from %s", len(logits), path)
+    return logits
   apply = jax.jit(lambda p, b: teacher.model.apply(p, b, deterministic=True).logits)
   out = []
   bs = int(config.train.eval_batch_size)
@@ -134,8 +143,30 @@ def cache_teacher_logits(teacher: Teacher, config, data, mesh_put) -> np.ndarray
     logits = np.asarray(jax.device_get(apply(teacher.model.params, mesh_put(batch))), np.float32)
     out.append(logits[keep])
   logits = np.concatenate(out)
-  log.info("cached teacher logits for %d train examples", len(logits))
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, logits)
+    os.replace(tmp, path)  # atomic: a run killed mid-write leaves no half file behind
+  log.info("computed teacher logits for %d train examples (saved to %s)", len(logits), path)
   return logits
+
+
+def _logits_path(config, teacher: Teacher, enc, boundaries) -> pathlib.Path:
+  """<data cache>/teacher_logits/<sha256>.npy, keyed by everything the logits depend on: the
+  teacher's weights and config, the tokens it reads, the compute dtype and the padding buckets.
+  A retrained or edited teacher, other data or another tokenizer gets a new file."""
+  from jaxft.data import pipeline
+  from jaxft.train.state import flatten
+  h = hashlib.sha256(json.dumps({"v": 1, "dtype": str(config.model.dtype),
+                                 "boundaries": [int(b) for b in boundaries],
+                                 "teacher": teacher.model.config.to_json_string()}).encode())
+  for k, v in sorted(flatten(teacher.model.params).items()):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(jax.device_get(v)).tobytes())
+  for a in (enc.input_ids, enc.token_type_ids, enc.offsets):
+    h.update(np.ascontiguousarray(a).tobytes())
+  return pipeline.cache_dir(config.data) / "teacher_logits" / f"{h.hexdigest()}.npy"
 
 
 @dataclasses.dataclass

@@ -136,6 +136,27 @@ def test_keep_layers_builds_a_shallower_model_from_the_checkpoint(tiny_bert_dir,
     build_setup(make_config(tiny_bert_dir, model__keep_layers="0,5"))
 
 
+def test_teacher_logits_are_computed_once_and_reused(supervised_run, tiny_bert_dir, tmp_path,
+                                                     caplog):
+  from jaxft.train.restore import export_workdir
+  from jaxft.train.setup import build_setup
+  teacher = export_workdir(supervised_run[0], tmp_path / "teacher")
+  cache = tmp_path / "cache"
+  cfg = make_config(tiny_bert_dir, distill__teacher=str(teacher), data__cache_dir=str(cache))
+  with caplog.at_level("INFO", logger="jaxft"):
+    first = build_setup(cfg).data.train.logits
+    assert "computed teacher logits for 64 train examples" in caplog.text
+    caplog.clear()
+    again = build_setup(cfg).data.train.logits
+    assert "teacher logits for 64 train examples from" in caplog.text
+  np.testing.assert_array_equal(first, again)
+  assert len(list((cache / "teacher_logits").glob("*.npy"))) == 1
+  # other data (another slice of the training set) is another entry, not a stale hit
+  build_setup(make_config(tiny_bert_dir, distill__teacher=str(teacher), data__cache_dir=str(cache),
+                          data__max_train_examples=48))
+  assert len(list((cache / "teacher_logits").glob("*.npy"))) == 2
+
+
 def test_distillation_refuses_a_teacher_without_a_trained_head(tiny_bert_dir, tmp_path):
   cfg = make_config(tiny_bert_dir, distill__teacher=str(tiny_bert_dir))
   with pytest.raises(ValueError, match="no trained"):
