@@ -223,11 +223,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
           state = state.replace(opt_state=plateau_observe(
               state.opt_state, float(value), mode=mode, factor=config.train.plateau_factor,
               patience=config.train.plateau_patience))
-        improved = _is_better(value, best_value, mode)
+        eligible = step >= s.best_from_step  # a pruning run: only once at its final sparsity
+        improved = eligible and _is_better(value, best_value, mode)
         if improved:
           best_value, best_metrics, best_step = value, eval_metrics, step
           evals_without_gain = 0
-        else:
+        elif eligible:
           evals_without_gain += 1
         log.info("step %d eval %s", step, json.dumps(eval_metrics))
         if step % ckpt_every == 0 or step == s.total_steps or improved:

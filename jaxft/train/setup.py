@@ -40,6 +40,9 @@ class Setup:
   trace_count: list  # [n]: how many times the step was traced (compiled)
   apply_fn: Callable = None  # the forward training and eval use (fake-quantized under QAT)
   quant_spec: Any = None
+  # Evaluations before this step cannot be the best checkpoint: a pruning run's model is only the
+  # one asked for once its schedule has reached the final sparsity.
+  best_from_step: int = 0
 
   def checkpointable(self, state: TrainState) -> TrainState:
     """What goes into checkpoints: everything but frozen params, which reload from the base model."""
@@ -250,7 +253,7 @@ def build_setup(config, devices=None) -> Setup:
     trainable.update(distill.trainable)
     extras.update(distill.extras)
 
-  prune_kwargs = None
+  prune_kwargs, best_from_step = None, 0
   if config.prune.method:
     p = config.prune
     schedule = compress.prune_schedule(p, total_steps)
@@ -261,6 +264,7 @@ def build_setup(config, devices=None) -> Setup:
     extras.update(prune_extras)
     prune_kwargs = dict(method=p.method, schedule=schedule, scope=p.scope,
                         soft_threshold=p.soft_threshold, l1_weight=p.l1_weight)
+    best_from_step = min(schedule.end_step + 1, total_steps)
 
   guard = spike.from_config(config.train)
   if guard is not None:
@@ -294,4 +298,4 @@ def build_setup(config, devices=None) -> Setup:
   return Setup(config=config, mesh=mesh, data=data, model=model, peft_spec=spec,
                counts=counts, state=state, state_shardings=shardings, step_fn=step_fn,
                total_steps=total_steps, trace_count=trace_count, apply_fn=apply_fn,
-               quant_spec=qspec)
+               quant_spec=qspec, best_from_step=best_from_step)

@@ -93,6 +93,14 @@ def test_magnitude_pruning_from_config_reaches_its_sparsity(tiny_bert_dir, tmp_p
   results = train_and_evaluate(cfg, tmp_path / "run")
   assert results["last_train"]["sparsity/total"] == pytest.approx(0.5, abs=0.01)
   assert results["last_train"]["sparsity/target"] == pytest.approx(0.5)
+  # The eval at step 8 saw a model still below its final sparsity (the schedule ends with the
+  # update at step 8): it may score higher, but the best checkpoint is the pruned model.
+  assert results["best_step"] == 16
+  from jaxft.train.restore import load_workdir
+  _, best = load_workdir(tmp_path / "run")
+  masks = best.extras["masks"]
+  kept = sum(int(m.sum()) for m in masks.values()) / sum(m.size for m in masks.values())
+  assert kept == pytest.approx(0.5, abs=0.01)
 
 
 def test_movement_pruning_scores_train(tiny_bert_dir, tmp_path):
