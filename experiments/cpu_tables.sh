@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The CPU-sized versions of the PEFT, adversarial, pruning and distillation tables: MiniLM-L6 on
-# movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu), seed 0. Runs in about
-# 1 h 45 min on 2 CPU cores (measured 2026-11-27); finished runs (results.json present) are skipped, so it resumes.
+# The CPU-sized versions of the PEFT, adversarial, pruning, distillation and semi-supervised
+# tables: MiniLM-L6 on movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu) unless
+# a stage says otherwise, seed 0. Finished runs (results.json present) are skipped, so it resumes.
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
-# stages: base distill adv prune peft adv2 prune2 mpnet long semi (default: all, in that order). The numbers and
-# the machine they came from are in README ("CPU-sized tables").
+# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd (default: all, in that
+# order). On 2 CPU cores (measured 2026-11-27) the first seven take about 1 h 45 min; mpnet about
+# 45 min (the MPNet-base teacher alone 20 min), long 22 min, semi about 35 min, prunekd 8 min. The
+# numbers and the machine they came from are in README ("CPU-sized tables").
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
-STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi}
+STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd}
 EPS=1,2,4
 
 train() {  # train <name> <config spec> [overrides...]
@@ -61,6 +63,11 @@ for stage in $STAGES; do case $stage in
     for m in movement magnitude; do
       train "prune-$m-0.9-3ep" "experiments/prune_movement.py:$m,0.9,mr" --config.train.num_epochs=3 \
           --config.prune.begin_fraction=0.34 --config.prune.end_fraction=0.8
+    done ;;
+  prunekd)  # magnitude pruning with distillation from the MPNet-base teacher (alpha 0.5, T 2)
+    for sp in 0.9 0.97; do
+      train "prune-magnitude-$sp-kd" "experiments/prune_movement.py:magnitude,$sp,mr" \
+          "--config.distill.teacher=$ROOT/mpnet-teacher/export" --config.distill.own_tokenizer=true
     done ;;
   semi)  # MR with 50 labels per class: labeled only vs FixMatch and UDA, 2000 steps of batch 8
     for a in supervised fixmatch uda; do train "usb-mr100-$a" "experiments/semisup_usb.py:mr_100/$a"; done ;;
