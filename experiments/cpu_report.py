@@ -98,7 +98,9 @@ def prune_table(root):
           ("movement -> 90%, scores warm up for 34% of steps", "prune-movement-0.9-late"),
           ("movement -> 97%", "prune-movement-0.97"),
           ("magnitude -> 90%, 3 epochs", "prune-magnitude-0.9-3ep"),
-          ("movement -> 90%, 3 epochs, scores alone for the first", "prune-movement-0.9-3ep"), ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
+          ("movement -> 90%, 3 epochs, scores alone for the first", "prune-movement-0.9-3ep"),
+          ("magnitude -> 90%, distilled from MPNet-base", "prune-magnitude-0.9-kd"),
+          ("magnitude -> 97%, distilled from MPNet-base", "prune-magnitude-0.97-kd"), ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
   return _table(root, ("method", "encoder sparsity reached", "accuracy", "train examples/s"), rows,
                 lambda r, name: ("0" if name == "baseline" else _sparsity(root, name), _acc(r),
                                  f"{r['train_examples_per_s']:.1f}"))
@@ -110,7 +112,9 @@ def distill_table(root):
           ("student: same, distilled (alpha 0.5, T 2)", "kd-half"),
           ("teacher: MPNet-base fine-tuned", "mpnet-teacher"),
           ("student: MiniLM-L6, labels only (= the MiniLM teacher above)", "baseline"),
-          ("student: MiniLM-L6, distilled from MPNet-base (alpha 0.5, T 2)", "kd-mpnet-l6")]
+          ("student: MiniLM-L6, distilled from MPNet-base (alpha 0.5, T 2)", "kd-mpnet-l6"),
+          ("student: MiniLM-L6 layers 0, 2, 4, labels only", "l3-alone"),
+          ("student: MiniLM-L6 layers 0, 2, 4, distilled from MPNet-base", "kd-mpnet-l3")]
   return _table(root, ("model", "params", "accuracy"), rows,
                 lambda r, _: (f"{r['total_params'] / 1e6:.1f}M", _acc(r)))
 
