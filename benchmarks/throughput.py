@@ -558,13 +558,13 @@ def _mb(x) -> str:
 
 
 def render(meta: dict, rows: list[dict]) -> str:
-  lines = [f"# jaxft training throughput", "",
+  lines = ["# jaxft training throughput", "",
            f"- device: {meta['device']}; matmul peak ({meta['dtype']}, n = {meta['peak_n']}): "
            f"{meta['peak_flops'] / 1e12:.3g} TFLOP/s (measured)",
            f"- model: {meta['model']}; compute dtype {meta['dtype']}, attention {meta['attention']}, "
            f"remat {meta['remat']}, donation {meta['donate']}, attention dropout "
            f"{meta['attention_dropout']}; {meta['steps']} timed steps after {meta['warmup']} warmup",
-           f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+           "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
            f"- date: {meta['date']}; command: `{meta['command']}`"]
   if meta["device"].startswith("cpu"):
     lines += ["", "**CPU run: a smoke test of the script, not comparable to accelerator numbers. "

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from jaxft.quant.int8 import QuantSpec, channel_scale, quantize_with_scale
 from jaxft.train.state import flatten, unflatten

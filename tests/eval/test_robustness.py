@@ -2,7 +2,6 @@
 greedy synonym attack with the real WordNet database on a linear bag-of-words classifier."""
 
 import math
-import pathlib
 import re
 
 import jax

@@ -5,7 +5,6 @@ import json
 import pathlib
 import textwrap
 
-import numpy as np
 import pytest
 
 from jaxft import config as config_lib

@@ -106,7 +106,6 @@ def test_teacher_batch_views():
 import optax  # noqa: E402
 
 from jaxft.models import init_random  # noqa: E402
-from jaxft.objectives.base import Weighted  # noqa: E402
 from jaxft.train.state import TrainState, flatten, merge_params  # noqa: E402
 
 

@@ -82,7 +82,6 @@ def test_none_policy_lets_the_nan_through():
 def test_error_policy_stops_the_loop_naming_the_step_range(tiny_model, tmp_path):
   """A learning rate of 1e30 overflows the weights after the first update; the loop raises at the
   first log step after the non-finite step, naming the range since the previous log step."""
-  from jaxft import cli
   from jaxft.train import loop
   config = load_config(tiny_model, train__learning_rate=1e30, train__warmup_ratio=0.0,
                        train__nan_policy="error", train__log_every=4, train__num_steps=8)
