@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       adam_b1=0.9,
       adam_b2=0.999,
       adam_eps=1e-8,
-      rng_impl="threefry2x32",  # dropout/noise key: threefry2x32, rbg or unsafe_rbg (faster on GPU)
+      rng_impl="threefry2x32",  # dropout/noise key: threefry2x32, rbg or unsafe_rbg
       nan_policy="skip",  # skip / error / none
       spike_factor=0.0,  # > 0 (e.g. 10): skip updates whose grad norm > factor x recent median
       spike_window=100,  # recent grad norms the spike guard keeps

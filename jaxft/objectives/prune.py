@@ -238,7 +238,7 @@ def sparsity_metrics(masks: Mapping) -> dict:
 def mask_change(old: Mapping, new: Mapping) -> jax.Array:
   """Fraction of the prunable weights whose mask flipped (either way) between two mask sets. With
   sparsity rising by d, at least d flip; anything above that is churn: weights pruned and revived
-  in place of others (movement scores that still carry little signal churn a lot)."""
+  in place of others."""
   flipped = sum(jnp.sum(old[k] != new[k], dtype=jnp.float32) for k in new)
   return flipped / max(sum(m.size for m in new.values()), 1)
 

@@ -154,9 +154,10 @@ RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 def train_key(config) -> jax.Array:
   """The key every training step's dropout and noise derive from (seed, train.rng_impl).
-  threefry2x32 is JAX's default; rbg / unsafe_rbg draw with XLA's RngBitGenerator, which costs
-  less on GPU and TPU for the hundreds of MB of dropout bits a BERT-base step draws
-  (benchmarks/diag/dot_census.py), and give a different (equally seeded) random stream."""
+  threefry2x32 is JAX's default; rbg / unsafe_rbg draw with XLA's RngBitGenerator, which JAX
+  offers as the cheaper generator on accelerators (not yet timed here) for the hundreds of MB of
+  dropout bits a BERT-base step draws (benchmarks/diag/dot_census.py); they give a different,
+  equally seeded, random stream."""
   impl = config.train.rng_impl
   if impl not in RNG_IMPLS:
     raise ValueError(f"train.rng_impl={impl!r} is not a JAX PRNG implementation jaxft supports; "
