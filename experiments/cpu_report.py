@@ -122,7 +122,8 @@ def distill_table(root):
 def semisup_table(root):
   """MR with 50 labels per class (experiments/semisup_usb.py:mr_100/<algorithm>)."""
   rows = [("labeled only", "usb-mr100-supervised"), ("FixMatch", "usb-mr100-fixmatch"),
-          ("UDA", "usb-mr100-uda")]
+          ("UDA", "usb-mr100-uda"), ("Mean Teacher", "usb-mr100-mean_teacher"),
+          ("PseudoLabel", "usb-mr100-pseudo_label")]
   return _table(root, ("algorithm", "accuracy", "error %"), rows,
                 lambda r, _: (_acc(r), f"{100 - 100 * r['eval']['accuracy']:.2f}"))
 

@@ -70,7 +70,7 @@ for stage in $STAGES; do case $stage in
       train "prune-magnitude-$sp-kd" "experiments/prune_movement.py:magnitude,$sp,mr" \
           "--config.distill.teacher=$ROOT/mpnet-teacher/export" --config.distill.own_tokenizer=true
     done ;;
-  semi)  # MR with 50 labels per class: labeled only vs FixMatch and UDA, 2000 steps of batch 8
-    for a in supervised fixmatch uda; do train "usb-mr100-$a" "experiments/semisup_usb.py:mr_100/$a"; done ;;
+  semi)  # MR with 50 labels per class: labeled only vs the consistency methods, 2000 steps of batch 8
+    for a in supervised fixmatch uda mean_teacher pseudo_label; do train "usb-mr100-$a" "experiments/semisup_usb.py:mr_100/$a"; done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac; done
