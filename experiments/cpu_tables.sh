@@ -5,7 +5,7 @@
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
 # stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd (default: all, in that
 # order). On 2 CPU cores (measured 2026-11-27) the first seven take about 1 h 45 min; mpnet about
-# 40 min (the MPNet-base teacher alone 20 min), long 22 min, semi 34 min, prunekd 7 min (with the
+# 40 min (the MPNet-base teacher alone 20 min), long 22 min, semi 58 min, prunekd 7 min (with the
 # teacher's logits already cached by mpnet). The numbers and the machine they came from are in
 # README ("CPU-sized tables").
 set -euo pipefail
