@@ -100,7 +100,8 @@ def prune_table(root):
           ("magnitude -> 90%, 3 epochs", "prune-magnitude-0.9-3ep"),
           ("movement -> 90%, 3 epochs, scores alone for the first", "prune-movement-0.9-3ep"),
           ("magnitude -> 90%, distilled from MPNet-base", "prune-magnitude-0.9-kd"),
-          ("magnitude -> 97%, distilled from MPNet-base", "prune-magnitude-0.97-kd"), ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
+          ("magnitude -> 97%, distilled from MPNet-base", "prune-magnitude-0.97-kd"),
+          ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
   return _table(root, ("method", "encoder sparsity reached", "accuracy", "train examples/s"), rows,
                 lambda r, name: ("0" if name == "baseline" else _sparsity(root, name), _acc(r),
                                  f"{r['train_examples_per_s']:.1f}"))

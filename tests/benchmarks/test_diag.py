@@ -8,15 +8,16 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def census_module():
-  spec = importlib.util.spec_from_file_location("dot_census", ROOT / "benchmarks/diag/dot_census.py")
+def diag(name: str):
+  """benchmarks/diag/<name>.py as a module (the scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "diag" / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
 
 
 def test_bf16_step_matches_the_flops_formula_and_names_the_float32_dots(capsys):
-  assert census_module().main(["--tiny", "--seq", "32", "--batch", "4"]) == 0
+  assert diag("dot_census").main(["--tiny", "--seq", "32", "--batch", "4"]) == 0
   out = capsys.readouterr().out
   ratio = float(re.search(r"\(([\d.]+)x the model-FLOPs formula", out).group(1))
   assert ratio == 1.0  # every matmul of forward + backward counted once, nothing extra
@@ -29,16 +30,13 @@ def test_bf16_step_matches_the_flops_formula_and_names_the_float32_dots(capsys):
 
 
 def test_float32_step_has_only_float32_dots(capsys):
-  assert census_module().main(["--tiny", "--seq", "16", "--batch", "2", "--dtype", "float32"]) == 0
+  assert diag("dot_census").main(["--tiny", "--seq", "16", "--batch", "2", "--dtype", "float32"]) == 0
   out = capsys.readouterr().out
   assert re.findall(r"\| (\S+ x \S+ -> \S+) \|", out) == ["float32 x float32 -> float32"]
 
 
 def test_memory_plan_lora_needs_less_than_full_fine_tuning(capsys):
-  spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks/diag/memory_plan.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  assert mod.main(["--tiny", "--seq", "16", "--batch", "8"]) == 0
+  assert diag("memory_plan").main(["--tiny", "--seq", "16", "--batch", "8"]) == 0
   rows = {m[0]: m for m in re.findall(r"\| (\w+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|",
                                       capsys.readouterr().out)}
   full, lora = rows["supervised"], rows["lora"]
