@@ -3,14 +3,14 @@
 # tables: MiniLM-L6 on movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu) unless
 # a stage says otherwise, seed 0. Finished runs (results.json present) are skipped, so it resumes.
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
-# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd (default: all, in that
+# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain (default: all, in that
 # order). On 2 CPU cores (measured 2026-11-27) the first seven take about 1 h 45 min; mpnet about
 # 40 min (the MPNet-base teacher alone 20 min), long 22 min, semi 58 min, prunekd 7 min (with the
 # teacher's logits already cached by mpnet). The numbers and the machine they came from are in
 # README ("CPU-sized tables").
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
-STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd}
+STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain}
 EPS=1,2,4
 
 train() {  # train <name> <config spec> [overrides...]
@@ -70,7 +70,19 @@ for stage in $STAGES; do case $stage in
       train "prune-magnitude-$sp-kd" "experiments/prune_movement.py:magnitude,$sp,mr" \
           "--config.distill.teacher=$ROOT/mpnet-teacher/export" --config.distill.own_tokenizer=true
     done ;;
+  sst2)  # the pruning table's SST-2 rows: one epoch (2,104 steps of batch 32), as the MR rows
+    train sst2-dense experiments/glue_small.py:sst2 --config.data.data_dir=../shared/data/glue \
+        --config.train.num_epochs=1 --config.train.eval_every=1000 --config.train.log_every=200
+    for m in magnitude soft_movement; do
+      train "prune-$m-0.9-sst2" "experiments/prune_movement.py:$m,0.9,sst2" --config.train.num_epochs=1
+    done ;;
   semi)  # MR with 50 labels per class: labeled only vs the consistency methods, 2000 steps of batch 8
     for a in supervised fixmatch uda mean_teacher pseudo_label; do train "usb-mr100-$a" "experiments/semisup_usb.py:mr_100/$a"; done ;;
+  selftrain)  # Noisy Student: 2 rounds of 1000 pseudo-labels per class, from the labelled-only run
+    train usb-mr100-self_training experiments/semisup_usb.py:mr_100/self_training \
+        "--config.self_training.teacher=$ROOT/usb-mr100-supervised"
+    train usb-mr20-supervised experiments/semisup_usb.py:mr_20/supervised
+    train usb-mr20-self_training experiments/semisup_usb.py:mr_20/self_training \
+        "--config.self_training.teacher=$ROOT/usb-mr20-supervised" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac; done

@@ -13,6 +13,8 @@ arg = "<setting>/<algorithm>":
   ag_news_200 200 (50 per class)
   bbc_news_20 20 (4 per class, 5 classes)          BBC News, seeded 80/20 split
   algorithm  supervised (labelled only), pseudo_label, mean_teacher, uda, fixmatch,
+             self_training (Noisy Student: 2 rounds; each teacher labels its 1000 most confident
+             pool rows per class, a fresh student trains on them and the labels, with dropout),
              fully_supervised (every training label; the upper bound)
 Reported: error rate % = 100 - eval accuracy, mean +/- std over seeds 0, 1, 2.
 
@@ -44,7 +46,8 @@ SETTINGS = {  # name -> (data.name, labels per class, max_length)
     "ag_news_200": ("ag_news", 50, 128),
     "bbc_news_20": ("bbc_news", 4, 256),
 }
-ALGORITHMS = ("supervised", "pseudo_label", "mean_teacher", "uda", "fixmatch", "fully_supervised")
+ALGORITHMS = ("supervised", "pseudo_label", "mean_teacher", "uda", "fixmatch", "self_training",
+              "fully_supervised")
 
 # For `jaxft table`: row "<setting>-<algorithm>" -> get_config arg, and USB's AG News numbers as
 # accuracy (100 - error %); MR and BBC News have no USB column.
@@ -83,6 +86,10 @@ def get_config(arg=None):
     return c
   c.data.labeled_per_class = per_class
   if algorithm == "supervised":  # labelled only: the small labeled set, no unlabeled part
+    return c
+  if algorithm == "self_training":  # round 0 is the labelled-only run above
+    c.self_training.rounds = 2
+    c.self_training.max_per_class = 1000
     return c
 
   c.data.unlabeled_ratio = 1  # USB's NLP setting: as many unlabeled rows as labeled ones

@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       labeled_per_class=0,  # > 0: semi-supervised, k labels per class, rest unlabeled
       unlabeled_ratio=0,  # mu: unlabeled rows per labeled row in a batch
       strong_augment="token_strong",  # FixMatch / UDA strong view of unlabeled rows (token policy)
+      pseudo_labels="",  # a jaxft.data.pseudo_labels file: teacher labels for unlabeled pool rows
       cache_dir="",
   ))
 
@@ -144,6 +145,13 @@ def base_config() -> ml_collections.ConfigDict:
       score_learning_rate=1e-2,  # movement scores' learning rate (no weight decay)
       soft_threshold=0.1,  # soft movement: tau
       l1_weight=400.0,  # soft movement: lambda of the score L1 penalty
+  ))
+
+  c.self_training = ml_collections.ConfigDict(dict(
+      rounds=0,  # > 0: Noisy Student rounds (jaxft.train.self_training); needs labeled_per_class
+      threshold=0.0,  # teacher confidence a pool row needs to be pseudo-labeled
+      max_per_class=0,  # > 0: at most this many rows per predicted class, most confident first
+      teacher="",  # a finished workdir (same data config) as the first teacher instead of round 0
   ))
 
   c.quant = ml_collections.ConfigDict(dict(

@@ -7,7 +7,8 @@
       for batch in make_iter(): ...                 # every example once, in order
 
 Flow: tasks.load (files / assets / hub, validated) -> optional subsets (max_*_examples, first
-rows; labeled_per_class, k per class seeded by `seed`, the rest an unlabeled pool) ->
+rows; labeled_per_class, k per class seeded by `seed`, the rest an unlabeled pool; pseudo_labels,
+a file of teacher labels for pool rows appended to the labeled ones) ->
 tokenize.encode (cached) -> batching (buckets, resumable order, eval chunks).
 """
 
@@ -23,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from jaxft import assets
-from jaxft.data import batching, tasks, tokenize
+from jaxft.data import batching, pseudo_labels, tasks, tokenize
 from jaxft.data.readers import DataError
 from jaxft.data.tasks import Examples, TaskInfo, as_list, cfg_get
 
@@ -81,7 +82,8 @@ class DataBundle:
   split. eval: split -> callable returning a fresh iterator of eval batches. stats: flat
   "<split>/<name>" numbers. ner: split -> WordAlignment (token classification only).
   examples / encoded: the raw and tokenized splits; unlabeled: the pool's texts (labels dropped).
-  notes: things the user should know (carved splits, truncation)."""
+  unlabeled_labels: the pool's true labels, for diagnostics only (pseudo-label accuracy); never
+  batched. notes: things the user should know (carved splits, truncation)."""
 
   info: TaskInfo
   train: batching.TrainBatcher | batching.MergedBatcher | None
@@ -93,6 +95,7 @@ class DataBundle:
   unlabeled: Examples | None
   boundaries: tuple[int, ...]
   notes: list[str]
+  unlabeled_labels: list | None = None
 
 
 def cache_dir(data_config) -> pathlib.Path:
@@ -120,7 +123,11 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
   k = int(cfg_get(data_config, "labeled_per_class", 0) or 0)
   n_train_max = int(cfg_get(data_config, "max_train_examples", 0) or 0)
   n_eval_max = int(cfg_get(data_config, "max_eval_examples", 0) or 0)
-  unlabeled = None
+  unlabeled = unlabeled_labels = None
+  pseudo = str(cfg_get(data_config, "pseudo_labels", "") or "")
+  if pseudo and not k:
+    raise DataError(f"data.pseudo_labels={pseudo!r} labels rows of the unlabeled pool: set "
+                    "data.labeled_per_class > 0 as in the run that wrote it")
   if with_train:
     train = examples[train_split]
     if train.labels is None:
@@ -132,10 +139,15 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
         raise DataError(f"data.labeled_per_class={k} needs a classification task; "
                         f"{info.name} is {info.kind}")
       labeled, rest = tasks.subset_per_class(train.labels, k, info.num_labels, seed)
-      unlabeled = dataclasses.replace(train.select(rest), labels=None)
+      pool = train.select(rest)
+      unlabeled, unlabeled_labels = dataclasses.replace(pool, labels=None), pool.labels
       train = train.select(labeled)
       notes.append(f"semi-supervised: {len(train)} labeled ({k} per class, seed {seed}), "
                    f"{len(unlabeled)} unlabeled")
+      if pseudo:
+        rows, labels = pseudo_labels.load(pseudo, unlabeled, info.num_labels)
+        train = pseudo_labels.extend(train, unlabeled, rows, labels)
+        notes.append(f"{len(rows)} pseudo-labeled pool rows from {pseudo} join the labeled ones")
     examples[train_split] = train
   if unlabeled_ratio and unlabeled is None:
     raise DataError("unlabeled_ratio > 0 needs an unlabeled pool: set data.labeled_per_class > 0")
@@ -197,7 +209,7 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
       ner[s] = WordAlignment.from_encoded(encoded[s], examples[s], info.label_names)
       stats[f"{s}/n_words_without_token"] = ner[s].n_words_without_token
   return DataBundle(info, train_batcher, evals, stats, ner, examples, encoded, unlabeled,
-                    boundaries, notes)
+                    boundaries, notes, unlabeled_labels)
 
 
 def _fingerprint(train: Examples, tokenizer_id: str, max_length, batch_size, boundaries,

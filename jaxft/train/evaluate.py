@@ -47,17 +47,20 @@ class Evaluator:
       forward = lambda state, batch: jitted(state.trainable, state.frozen, state.extras, batch)
     self._forward = forward
 
+  def real_logits(self, state, batch) -> np.ndarray:
+    """Host logits of one batch's real rows (example_mask > 0); the batch need not have labels."""
+    keep = np.asarray(batch["example_mask"]) > 0
+    device_batch = mesh_lib.put_batch(batch, self.setup.mesh)
+    return np.asarray(jax.device_get(self._forward(state, device_batch)))[keep]
+
   def logits_and_labels(self, state):
     """-> (logits, labels) over the real examples of the split, in order: arrays [N, ...] for
     sequence tasks, per-example lists of [S_i, ...] rows for token classification (buckets differ
     in length)."""
     all_logits, all_labels = [], []
     for batch in self.setup.data.eval[self.split]():
-      keep = np.asarray(batch["example_mask"]) > 0
-      device_batch = mesh_lib.put_batch(batch, self.setup.mesh)
-      logits = np.asarray(jax.device_get(self._forward(state, device_batch)))
-      all_logits.extend(logits[keep])
-      all_labels.extend(np.asarray(batch["labels"])[keep])
+      all_logits.extend(self.real_logits(state, batch))
+      all_labels.extend(np.asarray(batch["labels"])[np.asarray(batch["example_mask"]) > 0])
     if self.setup.data.info.kind == "token_classification":
       return all_logits, all_labels
     return np.stack(all_logits), np.stack(all_labels)

@@ -126,8 +126,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
                        devices=None) -> dict:
   """Runs (or resumes) the experiment in `config`, writing everything into `workdir`.
 
-  Returns the results dict also written to <workdir>/results.json.
+  Returns the results dict also written to <workdir>/results.json. With self_training.rounds > 0
+  the experiment is a sequence of runs (jaxft.train.self_training) in sub-workdirs.
   """
+  if config.self_training.rounds > 0:
+    from jaxft.train import self_training
+    return self_training.run(config, workdir, overwrite=overwrite, devices=devices)
   workdir = pathlib.Path(workdir)
   can_resume = prepare_workdir(workdir, config, overwrite)
   t_start = time.time()

@@ -140,3 +140,33 @@ def test_carved_split_note_and_max_length_check(shared_data, tmp_path, tok):
   with pytest.raises(DataError, match="exceeds the tokenizer's model_max_length 512"):
     pipeline.build(data_config(tmp_path, name="ag_news", data_dir=str(shared_data / "ag_news"),
                                max_length=1024), tok, batch_size=8, eval_batch_size=8, seed=0)
+
+
+def test_pseudo_labels_join_the_labeled_rows_of_their_own_pool(shared_data, tmp_path, tok):
+  from jaxft.data import pseudo_labels
+  cfg = data_config(tmp_path, name="cola", data_dir=str(shared_data / "glue"),
+                    max_train_examples=100, labeled_per_class=4, max_eval_examples=16)
+  b = pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=1)
+  assert len(b.unlabeled_labels) == len(b.unlabeled) == 92  # true labels kept for diagnostics
+  path = pseudo_labels.save(tmp_path / "pl.json", b.unlabeled, [5, 0, 17], [1, 0, 0], round=1)
+  cfg.pseudo_labels = str(path)
+  got = pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=1)
+  train = got.examples["train"]
+  assert len(train) == 11 and got.train.num_examples == 11
+  assert train.texts[0][:8] == b.examples["train"].texts[0]
+  assert train.texts[0][8:] == [b.unlabeled.texts[0][i] for i in (5, 0, 17)]
+  assert train.labels[8:] == [1, 0, 0]
+  assert got.unlabeled.texts == b.unlabeled.texts  # the pool itself is unchanged
+  with pytest.raises(DataError, match="another unlabeled pool"):  # seed 2 draws another pool
+    pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=2)
+  for rows, labels, match in (([92], [0], "outside the pool"), ([3], [2], "out of range"),
+                              ([3, 3], [0, 1], "labeled twice")):
+    cfg.pseudo_labels = str(pseudo_labels.save(tmp_path / "bad.json", b.unlabeled, rows, labels))
+    with pytest.raises(DataError, match=match):
+      pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=1)
+  cfg.pseudo_labels = str(tmp_path / "missing.json")
+  with pytest.raises(DataError, match="no such file"):
+    pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=1)
+  cfg.labeled_per_class = 0
+  with pytest.raises(DataError, match="labeled_per_class > 0"):
+    pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=1)
