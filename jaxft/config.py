@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       labeled_per_class=0,  # > 0: semi-supervised, k labels per class, rest unlabeled
       unlabeled_ratio=0,  # mu: unlabeled rows per labeled row in a batch
       strong_augment="token_strong",  # FixMatch / UDA strong view of unlabeled rows (token policy)
+      unlabeled_label_metrics=False,  # log pseudo-label accuracy from the pool's true labels
       pseudo_labels="",  # a jaxft.data.pseudo_labels file: teacher labels for unlabeled pool rows
       cache_dir="",
   ))

@@ -212,8 +212,10 @@ class MergedBatcher:
   step, cycling through the pool at its own epoch length.
   """
 
-  def __init__(self, labeled: TrainBatcher, unlabeled: TrainBatcher, prefix: str = "unlabeled/"):
+  def __init__(self, labeled: TrainBatcher, unlabeled: TrainBatcher, prefix: str = "unlabeled/",
+               keep_labels: bool = False):
     self.labeled, self.unlabeled, self.prefix = labeled, unlabeled, prefix
+    self.keep_labels = keep_labels  # the pool's true labels as "<prefix>labels" (diagnostics)
     self.steps_per_epoch = labeled.steps_per_epoch
     self.num_examples = labeled.num_examples
     self.fingerprint = labeled.fingerprint + ":" + unlabeled.fingerprint
@@ -236,7 +238,7 @@ class MergedBatcher:
     seq_len = max(s_l, s_u)
     batch = make_batch(self.labeled.enc, rows, seq_len)
     ub = make_batch(self.unlabeled.enc, urows, seq_len)
-    batch.update({self.prefix + k: v for k, v in ub.items() if k != "labels"})
+    batch.update({self.prefix + k: v for k, v in ub.items() if k != "labels" or self.keep_labels})
     return batch
 
   def __iter__(self):
@@ -254,7 +256,7 @@ class MergedBatcher:
   def from_state_dict(self, state: dict) -> "MergedBatcher":
     _check_fingerprint(state, self.fingerprint)
     sub = lambda b: b.from_state_dict({**state, "fingerprint": b.fingerprint})
-    return MergedBatcher(sub(self.labeled), sub(self.unlabeled), self.prefix)
+    return MergedBatcher(sub(self.labeled), sub(self.unlabeled), self.prefix, self.keep_labels)
 
 
 def eval_batches(enc: Encoded, *, batch_size: int, boundaries: Sequence[int],

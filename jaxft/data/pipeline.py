@@ -125,6 +125,7 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
   n_eval_max = int(cfg_get(data_config, "max_eval_examples", 0) or 0)
   unlabeled = unlabeled_labels = None
   pseudo = str(cfg_get(data_config, "pseudo_labels", "") or "")
+  label_metrics = bool(cfg_get(data_config, "unlabeled_label_metrics", False))
   if pseudo and not k:
     raise DataError(f"data.pseudo_labels={pseudo!r} labels rows of the unlabeled pool: set "
                     "data.labeled_per_class > 0 as in the run that wrote it")
@@ -180,7 +181,10 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
         enc.lengths, train_batcher.epoch_plan(0))
     stats[f"{train_split}/steps_per_epoch"] = train_batcher.steps_per_epoch
     if unlabeled is not None:
-      u_enc = encode(unlabeled)
+      # With data.unlabeled_label_metrics the pool keeps its true labels, batched as
+      # "unlabeled/labels" for the pseudo-label accuracy metrics only.
+      u_enc = encode(dataclasses.replace(unlabeled, labels=unlabeled_labels)
+                     if label_metrics else unlabeled)
       encoded["unlabeled"] = u_enc
       stats.update({f"unlabeled/{key}": v for key, v in u_enc.stats().items()})
     if unlabeled_ratio:
@@ -190,7 +194,7 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
           u_enc, batch_size=u_size, seed=seed, boundaries=boundaries, num_shards=num_shards,
           drop_remainder=len(u_enc) >= u_size, stream=1,
           fingerprint=_fingerprint(unlabeled, tok_id, max_length, u_size, boundaries, True))
-      train_batcher = batching.MergedBatcher(train_batcher, u_batcher)
+      train_batcher = batching.MergedBatcher(train_batcher, u_batcher, keep_labels=label_metrics)
 
   evals = {}
   for s in eval_splits:

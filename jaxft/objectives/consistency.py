@@ -189,8 +189,11 @@ def _two_views(apply_fn, params, batch, rng, objective, *, need_strong=False, no
 
 
 def _pseudo_label_metrics(batch, pseudo, mask, w) -> dict:
+  """mask_rate; with "unlabeled/labels" in the batch (data.unlabeled_label_metrics, diagnostics
+  only, never a target), pseudo_label_accuracy: how often the target's argmax is the true label,
+  over the rows the mask keeps (the teacher's accuracy for Mean Teacher)."""
   metrics = {"mask_rate": masked_mean(mask, w)}
-  if f"{UNLABELED}labels" in batch:  # optional, for diagnostics only: never used as a target
+  if f"{UNLABELED}labels" in batch:
     right = (pseudo == batch[f"{UNLABELED}labels"]).astype(f32)
     metrics["pseudo_label_accuracy"] = jnp.sum(right * mask * w) / jnp.maximum(jnp.sum(mask * w), 1.0)
   return metrics
@@ -214,7 +217,8 @@ def uda_term(divergence: str = "kl", temperature: float = 1.0, threshold: float 
     mask = confidence_mask(jax.nn.softmax(target, -1), threshold)  # on unsharpened p, as in UDA
     q = sharpen(target, temperature)
     per_example = kl_divergence(q, student) if divergence == "kl" else probs_mse(q, student)
-    return masked_mean(per_example * mask, w), {"mask_rate": masked_mean(mask, w)}
+    return (masked_mean(per_example * mask, w),
+            _pseudo_label_metrics(batch, jnp.argmax(target, -1), mask, w))
   return term
 
 
@@ -284,7 +288,9 @@ def mean_teacher_term(divergence: str = "mse", noise: Noise = Noise()):
                                     target_params=teacher)
     p = jax.nn.softmax(target, -1)
     per_example = probs_mse(p, student) if divergence == "mse" else kl_divergence(p, student)
-    return masked_mean(per_example, w), {}
+    metrics = _pseudo_label_metrics(batch, jnp.argmax(p, -1), jnp.ones_like(w), w)
+    metrics.pop("mask_rate")
+    return masked_mean(per_example, w), metrics
   return term
 
 

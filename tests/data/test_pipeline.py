@@ -121,6 +121,14 @@ def test_semi_supervised_pool(shared_data, tmp_path, tok):
   assert batch["unlabeled/attention_mask"].shape == (24, s)
   assert b.stats["unlabeled/n_examples"] == 292
   assert any("4 per class" in n for n in b.notes)
+  assert "unlabeled/labels" not in batch
+  cfg.unlabeled_label_metrics = True  # the pool's true labels ride along, for diagnostics only
+  diag = pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=1, unlabeled_ratio=3)
+  got = diag.train.batch_at(0)
+  np.testing.assert_array_equal(got["unlabeled/input_ids"], batch["unlabeled/input_ids"])
+  rows, _ = diag.train.unlabeled.indices_at(0)
+  np.testing.assert_array_equal(got["unlabeled/labels"], np.asarray(b.unlabeled_labels)[rows])
+  cfg.unlabeled_label_metrics = False
   again = pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=1, unlabeled_ratio=3)
   assert again.examples["train"].texts == train.texts  # the labeled subset is seeded
   other = pipeline.build(cfg, tok, batch_size=8, eval_batch_size=8, seed=2, unlabeled_ratio=3)

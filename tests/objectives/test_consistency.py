@@ -209,6 +209,30 @@ def test_mean_teacher_term_uses_teacher_params_and_passes_them_no_gradient():
     run_term(C.mean_teacher_term(), semi_batch())
 
 
+def test_true_pool_labels_only_feed_the_accuracy_metric():
+  """data.unlabeled_label_metrics puts the pool's true labels in the batch: loss and gradient must
+  not change whatever they are, and pseudo_label_accuracy counts argmax(target) == truth over the
+  rows the mask keeps."""
+  teacher = {"head/bias": jnp.array([0.5, -0.5, 0.0])}
+  ctx = StepContext(jnp.asarray(3), {"teacher": teacher})
+  terms = {"uda": (C.uda_term("kl", 0.4, 0.5), WEAK), "fixmatch": (C.fixmatch_term(0.5), WEAK),
+           "pseudo_label": (C.pseudo_label_term(0.5), WEAK),
+           "mean_teacher": (C.mean_teacher_term(), WEAK + np.array([0.5, -0.5, 0.0]))}
+  for name, (term, target) in terms.items():
+    base = run_term(term, semi_batch(), ctx=ctx)
+    grad = lambda b: jax.grad(lambda p: run_term(term, b, p, ctx)[0])(ZERO)["head"]["bias"]
+    for truth in ([0, 0, 1, 2], [2, 1, 0, 0]):
+      batch = {**semi_batch(), "unlabeled/labels": np.array(truth, np.int32)}
+      loss, m = run_term(term, batch, ctx=ctx)
+      np.testing.assert_array_equal(loss, base[0], err_msg=name)
+      np.testing.assert_array_equal(grad(batch), grad(semi_batch()), err_msg=name)
+      keep = UMASK * (1.0 if name == "mean_teacher" else np_softmax(target).max(-1) >= 0.5)
+      right = (target.argmax(-1) == np.array(truth)) * keep
+      np.testing.assert_allclose(m["pseudo_label_accuracy"], right.sum() / keep.sum(), rtol=1e-6,
+                                 err_msg=name)
+    assert "pseudo_label_accuracy" not in base[1]
+
+
 def test_missing_unlabeled_part_and_bad_options_fail_clearly():
   with pytest.raises(ValueError, match="labeled_per_class"):
     run_term(C.entropy_min_term(), {"input_ids": np.ones((2, 2), np.int32), "fixed_logits": WEAK[:2]})
