@@ -3,14 +3,14 @@
 # tables: MiniLM-L6 on movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu) unless
 # a stage says otherwise, seed 0. Finished runs (results.json present) are skipped, so it resumes.
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
-# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain (default: all, in that
+# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain semidiag (default: all, in that
 # order). On 2 CPU cores (measured 2026-11-27) the first seven take about 1 h 45 min; mpnet about
 # 40 min (the MPNet-base teacher alone 20 min), long 22 min, semi 58 min, prunekd 7 min (with the
 # teacher's logits already cached by mpnet). The numbers and the machine they came from are in
 # README ("CPU-sized tables").
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
-STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain}
+STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain semidiag}
 EPS=1,2,4
 
 train() {  # train <name> <config spec> [overrides...]
@@ -30,7 +30,7 @@ for stage in $STAGES; do case $stage in
     [[ -d $ROOT/baseline/export ]] || jaxft export --workdir "$ROOT/baseline" --out "$ROOT/baseline/export"
     robust baseline ;;
   distill)
-    for v in half half_alone; do
+    for v in half half_alone half_tinybert; do
       train "kd-$v" "experiments/distill_mpnet_minilm.py:mr,$v" \
           "--config.distill.teacher=$ROOT/baseline/export"
     done ;;
@@ -84,5 +84,8 @@ for stage in $STAGES; do case $stage in
     train usb-mr20-supervised experiments/semisup_usb.py:mr_20/supervised
     train usb-mr20-self_training experiments/semisup_usb.py:mr_20/self_training \
         "--config.self_training.teacher=$ROOT/usb-mr20-supervised" ;;
+  semidiag)  # FixMatch on MR-100 again, logging how often its pseudo-labels are right
+    train usb-mr100-fixmatch-diag experiments/semisup_usb.py:mr_100/fixmatch \
+        --config.data.unlabeled_label_metrics=true ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac; done

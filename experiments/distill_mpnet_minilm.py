@@ -19,7 +19,9 @@ uses its own WordPiece tokenizer, so only logits can be matched (sequence positi
 CPU-sized rows on MR (jaxft.config.movie_reviews_cpu: one epoch), with a fine-tuned MiniLM-L6
 teacher (experiments/quickstart.py, exported) and a MiniLM-L3-size student made of its layers
 0, 2, 4: "mr,half" distils (alpha 0.5, T 2, teacher logits cached), "mr,half_alone" trains the
-same student from the same initialisation on the labels only (alpha 1).
+same student from the same initialisation on the labels only (alpha 1), "mr,half_tinybert" adds
+the TinyBERT hidden-state and attention-map MSE terms (weight 1 each; student layer i <- teacher
+layer 2i + 1; the teacher runs every step, as its hidden states are needed).
     jaxft train --config experiments/distill_mpnet_minilm.py:mr,half --workdir workdirs/kd-l3 \
         --config.distill.teacher=workdirs/quickstart/export
 
@@ -36,7 +38,7 @@ from jaxft.config import base_config, movie_reviews_cpu
 
 GLUE_TASKS = ("sst2", "mrpc", "cola", "rte", "stsb")
 TASKS = GLUE_TASKS + ("mr",)  # "mr": the CPU-sized rows (experiments/cpu_tables.sh)
-VARIANTS = ("", "layers", "half", "half_alone")
+VARIANTS = ("", "layers", "half", "half_alone", "half_tinybert")
 GRID = {f"{t}{v}": f"{t}{v}" for t in GLUE_TASKS for v in ("", ",layers")}
 PAPER = {  # DistilBERT paper, GLUE dev (DistilBERT student of BERT-base)
     ("sst2", "accuracy"): 91.3, ("mrpc", "f1"): 87.5, ("cola", "mcc"): 51.3,
@@ -50,7 +52,8 @@ def get_config(arg=None):
     raise ValueError(f"distill_mpnet_minilm: unknown task {task!r}; choose one of {', '.join(TASKS)}")
   if variant not in VARIANTS:
     raise ValueError(f"distill_mpnet_minilm: unknown variant {variant!r}; use '<task>' or "
-                     "'<task>,<variant>' with variant one of layers, half, half_alone")
+                     "'<task>,<variant>' with variant one of "
+                     f"{', '.join(v for v in VARIANTS if v)}")
   c = base_config()
   c.data.name = task
   c.data.data_dir = "../shared/data/glue"
@@ -64,13 +67,17 @@ def get_config(arg=None):
   c.distill.layer_map = "uniform"
   if task == "mr":  # the CPU-sized rows (jaxft.config.movie_reviews_cpu)
     movie_reviews_cpu(c)
-  if variant in ("half", "half_alone"):
+  if variant in ("half", "half_alone", "half_tinybert"):
     c.model.name = "minilm-l6"  # student = teacher layers 0, 2, 4 (the teacher is a MiniLM-L6)
     c.distill.student_layers = "0,2,4"
     c.distill.own_tokenizer = False
     c.train.learning_rate = 1e-4
     if variant == "half_alone":
       c.distill.alpha = 1.0  # labels only: the KL term has weight 0
+    if variant == "half_tinybert":
+      c.distill.hidden_weight = 1.0
+      c.distill.attention_weight = 1.0
+      c.distill.cache_teacher_logits = False
     return c
   if variant == "layers":
     c.model.name = "mpnet-base"  # student family = teacher family, built from its layers
