@@ -3,14 +3,15 @@
 # tables: MiniLM-L6 on movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu) unless
 # a stage says otherwise, seed 0. Finished runs (results.json present) are skipped, so it resumes.
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
-# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain semidiag (default: all, in that
-# order). On 2 CPU cores (measured 2026-11-27) the first seven take about 1 h 45 min; mpnet about
-# 40 min (the MPNet-base teacher alone 20 min), long 22 min, semi 58 min, prunekd 7 min (with the
-# teacher's logits already cached by mpnet). The numbers and the machine they came from are in
+# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain mpnetprune
+# selftrain20 semidiag (default: all, in that order). On 2 CPU cores (measured 2026-11-27) the first
+# seven take about 1 h 45 min; mpnet about 40 min (the MPNet-base teacher alone 20 min), long 22 min,
+# semi 58 min, prunekd 7 min (with the teacher's logits already cached by mpnet). The numbers and
+# the machine they came from are in
 # README ("CPU-sized tables").
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
-STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain semidiag}
+STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain mpnetprune selftrain20 semidiag}
 EPS=1,2,4
 
 train() {  # train <name> <config spec> [overrides...]
@@ -80,10 +81,14 @@ for stage in $STAGES; do case $stage in
     for a in supervised fixmatch uda mean_teacher pseudo_label; do train "usb-mr100-$a" "experiments/semisup_usb.py:mr_100/$a"; done ;;
   selftrain)  # Noisy Student: 2 rounds of 1000 pseudo-labels per class, from the labelled-only run
     train usb-mr100-self_training experiments/semisup_usb.py:mr_100/self_training \
-        "--config.self_training.teacher=$ROOT/usb-mr100-supervised"
+        "--config.self_training.teacher=$ROOT/usb-mr100-supervised" ;;
+  selftrain20)  # the same on MR-20, with its labelled-only run
     train usb-mr20-supervised experiments/semisup_usb.py:mr_20/supervised
     train usb-mr20-self_training experiments/semisup_usb.py:mr_20/self_training \
         "--config.self_training.teacher=$ROOT/usb-mr20-supervised" ;;
+  mpnetprune)  # MPNet-base (the distillation teacher's model) to 10% of its 85M encoder weights
+    train prune-magnitude-0.9-mpnet experiments/prune_movement.py:magnitude,0.9,mr \
+        --config.model.name=mpnet-base --config.train.learning_rate=5e-5 ;;
   semidiag)  # FixMatch on MR-100 again, logging how often its pseudo-labels are right
     train usb-mr100-fixmatch-diag experiments/semisup_usb.py:mr_100/fixmatch \
         --config.data.unlabeled_label_metrics=true ;;
