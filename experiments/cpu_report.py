@@ -1,4 +1,5 @@
-"""Markdown tables from the runs of experiments/cpu_tables.sh (MiniLM-L6 on MR, one epoch, seed 0).
+"""Markdown tables from the runs of experiments/cpu_tables.sh (MiniLM-L6 on MR, one epoch, seed 0,
+unless a row says otherwise).
 
     python experiments/cpu_report.py [workdirs/cpu]
 
@@ -101,9 +102,15 @@ def prune_table(root):
           ("movement -> 90%, 3 epochs, scores alone for the first", "prune-movement-0.9-3ep"),
           ("magnitude -> 90%, distilled from MPNet-base", "prune-magnitude-0.9-kd"),
           ("magnitude -> 97%, distilled from MPNet-base", "prune-magnitude-0.97-kd"),
-          ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9")]
+          ("soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9"),
+          ("MPNet-base: dense (the distillation teacher)", "mpnet-teacher"),
+          ("MPNet-base: magnitude -> 90%", "prune-magnitude-0.9-mpnet"),
+          ("SST-2, one epoch: dense", "sst2-dense"),
+          ("SST-2, one epoch: magnitude -> 90%", "prune-magnitude-0.9-sst2"),
+          ("SST-2, one epoch: soft movement (tau 0.1, lambda 400)", "prune-soft_movement-0.9-sst2")]
+  dense = {"baseline", "mpnet-teacher", "sst2-dense"}
   return _table(root, ("method", "encoder sparsity reached", "accuracy", "train examples/s"), rows,
-                lambda r, name: ("0" if name == "baseline" else _sparsity(root, name), _acc(r),
+                lambda r, name: ("0" if name in dense else _sparsity(root, name), _acc(r),
                                  f"{r['train_examples_per_s']:.1f}"))
 
 
@@ -111,6 +118,8 @@ def distill_table(root):
   rows = [("teacher: MiniLM-L6 fine-tuned", "baseline"),
           ("student: teacher layers 0, 2, 4, labels only (alpha 1)", "kd-half_alone"),
           ("student: same, distilled (alpha 0.5, T 2)", "kd-half"),
+          ("student: same, distilled + hidden-state and attention-map MSE (TinyBERT)",
+           "kd-half_tinybert"),
           ("teacher: MPNet-base fine-tuned", "mpnet-teacher"),
           ("student: MiniLM-L6, labels only (= the MiniLM teacher above)", "baseline"),
           ("student: MiniLM-L6, distilled from MPNet-base (alpha 0.5, T 2)", "kd-mpnet-l6"),
@@ -124,16 +133,57 @@ def semisup_table(root):
   """MR with 50 labels per class (experiments/semisup_usb.py:mr_100/<algorithm>)."""
   rows = [("labeled only", "usb-mr100-supervised"), ("FixMatch", "usb-mr100-fixmatch"),
           ("UDA", "usb-mr100-uda"), ("Mean Teacher", "usb-mr100-mean_teacher"),
-          ("PseudoLabel", "usb-mr100-pseudo_label")]
+          ("PseudoLabel", "usb-mr100-pseudo_label"),
+          ("Noisy Student (2 rounds of 1000 pseudo-labels per class)", "usb-mr100-self_training"),
+          ("MR-20: labeled only", "usb-mr20-supervised"),
+          ("MR-20: Noisy Student (2 rounds)", "usb-mr20-self_training")]
   return _table(root, ("algorithm", "accuracy", "error %"), rows,
                 lambda r, _: (_acc(r), f"{100 - 100 * r['eval']['accuracy']:.2f}"))
+
+
+def self_training_table(root):
+  """One row per round of each self-training run (results.json "self_training")."""
+  out = ["| run | round | train rows | pseudo-labeled | pseudo-label accuracy | accuracy |",
+         "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  for name in ("usb-mr100-self_training", "usb-mr20-self_training"):
+    r = _load(root, name)
+    for rnd in (r or {}).get("self_training", []):
+      acc = rnd.get("pseudo_label_accuracy")
+      out.append(f"| {name} | {rnd['round']} | {rnd['train_examples']} | "
+                 f"{rnd.get('pseudo_labeled', '-')} | "
+                 f"{'-' if acc is None else f'{100 * acc:.1f}'} | {_acc(rnd)} |")
+  return out
+
+
+def pseudo_label_trace(root, name="usb-mr100-fixmatch-diag", every=250):
+  """FixMatch's mask rate and pseudo-label accuracy (data.unlabeled_label_metrics) along a run,
+  each the mean over the logged steps of its window, beside the evaluations."""
+  if not _load(root, name):
+    return []
+  records = _records(root, name)
+  evals = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
+  out = ["| steps | mask rate | pseudo-label accuracy (masked rows) | eval accuracy at end |",
+         "| --- | ---: | ---: | ---: |"]
+  train = [r for r in records if r["kind"] == "train" and "unsup/pseudo_label_accuracy" in r]
+  for start in range(0, max(r["step"] for r in train), every):
+    window = [r for r in train if start < r["step"] <= start + every]
+    if not window:
+      continue
+    mean = lambda k: sum(r[k] for r in window) / len(window)
+    end = start + every
+    out.append(f"| {start + 1}-{end} | {mean('unsup/mask_rate'):.2f} | "
+               f"{100 * mean('unsup/pseudo_label_accuracy'):.1f} | "
+               f"{f'{100 * evals[end]:.2f}' if end in evals else '-'} |")
+  return out
 
 
 def main(argv=None):
   root = pathlib.Path((argv or sys.argv[1:] or ["workdirs/cpu"])[0])
   for title, fn in (("PEFT", peft_table), ("Adversarial", adversarial_table),
                     ("Pruning", prune_table), ("Distillation", distill_table),
-                    ("Semi-supervised, MR-100", semisup_table)):
+                    ("Semi-supervised, MR-100", semisup_table),
+                    ("Self-training rounds", self_training_table),
+                    ("FixMatch pseudo-labels along training, MR-100", pseudo_label_trace)):
     print(f"{title}\n")
     print("\n".join(fn(root)))
     print()
