@@ -31,6 +31,7 @@ import numpy as np
 from jaxft import config as config_lib
 from jaxft.data import batching, pseudo_labels
 from jaxft.objectives.consistency import self_train
+from jaxft.train import mesh as mesh_lib
 from jaxft.train.evaluate import Evaluator
 from jaxft.train.restore import load_workdir
 
@@ -72,7 +73,7 @@ def pool_probabilities(workdir, pool=None) -> tuple[np.ndarray, list | None]:
   batches = batching.eval_batches(data.encoded["unlabeled"],
                                   batch_size=int(setup.config.train.eval_batch_size),
                                   boundaries=data.boundaries,
-                                  num_shards=len(setup.mesh.devices.flat))
+                                  num_shards=mesh_lib.num_batch_shards(setup.mesh))
   logits = np.concatenate([evaluator.real_logits(state, b) for b in batches]).astype(np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   return probs / probs.sum(-1, keepdims=True), data.unlabeled_labels
