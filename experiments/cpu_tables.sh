@@ -3,15 +3,15 @@
 # tables: MiniLM-L6 on movie-review polarity, one epoch each (jaxft.config.movie_reviews_cpu) unless
 # a stage says otherwise, seed 0. Finished runs (results.json present) are skipped, so it resumes.
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
-# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain mpnetprune
-# selftrain20 semidiag (default: all, in that order). On 2 CPU cores (measured 2026-11-27) the first
+# stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain selfcontrol
+# mpnetprune selftrain20 semidiag (default: all, in that order). On 2 CPU cores (measured 2026-11-27) the first
 # seven take about 1 h 45 min; mpnet about 40 min (the MPNet-base teacher alone 20 min), long 22 min,
 # semi 58 min, prunekd 7 min (with the teacher's logits already cached by mpnet). The numbers and
 # the machine they came from are in
 # README ("CPU-sized tables").
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
-STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain mpnetprune selftrain20 semidiag}
+STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain selfcontrol mpnetprune selftrain20 semidiag}
 EPS=1,2,4
 
 train() {  # train <name> <config spec> [overrides...]
@@ -92,6 +92,15 @@ for stage in $STAGES; do case $stage in
   mpnetprune)  # MPNet-base (the distillation teacher's model) to 10% of its 85M encoder weights
     train prune-magnitude-0.9-mpnet experiments/prune_movement.py:magnitude,0.9,mr \
         --config.model.name=mpnet-base --config.train.learning_rate=5e-5 ;;
+  selfcontrol)  # round 1's 2000 rows with their true labels; 2000 random pool rows, true labels
+    for mode in same random; do
+      f=$ROOT/usb-mr100-true-$mode-rows.json
+      [[ -f $f ]] || python benchmarks/diag/oracle_pseudo_labels.py \
+          experiments/semisup_usb.py:mr_100/supervised \
+          "$ROOT/usb-mr100-self_training/pseudo_labels/round-1.json" "$f" "$mode"
+      train "usb-mr100-true-$mode-rows" experiments/semisup_usb.py:mr_100/supervised \
+          "--config.data.pseudo_labels=$f"
+    done ;;
   semidiag)  # FixMatch on MR-100 again, logging how often its pseudo-labels are right
     train usb-mr100-fixmatch-diag experiments/semisup_usb.py:mr_100/fixmatch \
         --config.data.unlabeled_label_metrics=true ;;
