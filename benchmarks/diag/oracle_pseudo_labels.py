@@ -19,8 +19,8 @@ from jaxft.data import pipeline, pseudo_labels
 from jaxft.train.setup import load_tokenizer
 
 
-def main(spec, round_file, out, mode="same"):
-  c = load(spec)
+def control_file(c, round_file, out, mode="same") -> dict:
+  """Writes the control for config `c`'s pool to `out`; returns what it printed."""
   data = pipeline.build(c.data, load_tokenizer(c.model.name), batch_size=int(c.train.batch_size),
                         eval_batch_size=int(c.train.eval_batch_size), seed=int(c.seed))
   rows, labels = pseudo_labels.load(round_file, data.unlabeled, data.info.num_labels)
@@ -32,8 +32,12 @@ def main(spec, round_file, out, mode="same"):
     raise ValueError(f"mode must be 'same' or 'random', got {mode!r}")
   pseudo_labels.save(out, data.unlabeled, rows, truth[rows], control=f"true labels, {mode} rows",
                      of=str(round_file))
-  print(json.dumps({"rows": len(rows), "teacher_label_accuracy": teacher_accuracy,
-                    "class_counts": np.bincount(truth[rows]).tolist(), "out": out}))
+  return {"rows": len(rows), "teacher_label_accuracy": teacher_accuracy,
+          "class_counts": np.bincount(truth[rows]).tolist(), "out": str(out)}
+
+
+def main(spec, round_file, out, mode="same"):
+  print(json.dumps(control_file(load(spec), round_file, out, mode)))
 
 
 if __name__ == "__main__":
