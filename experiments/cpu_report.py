@@ -137,6 +137,8 @@ def semisup_table(root):
           ("UDA", "usb-mr100-uda"), ("Mean Teacher", "usb-mr100-mean_teacher"),
           ("PseudoLabel", "usb-mr100-pseudo_label"),
           ("Noisy Student (2 rounds of 1000 pseudo-labels per class)", "usb-mr100-self_training"),
+          ("control: round 1's 2000 rows with their true labels", "usb-mr100-true-same-rows"),
+          ("control: 2000 random pool rows with their true labels", "usb-mr100-true-random-rows"),
           ("MR-20: labeled only", "usb-mr20-supervised"),
           ("MR-20: Noisy Student (2 rounds)", "usb-mr20-self_training")]
   return _table(root, ("algorithm", "accuracy", "error %"), rows,
