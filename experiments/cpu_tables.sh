@@ -4,11 +4,13 @@
 # a stage says otherwise, seed 0. Finished runs (results.json present) are skipped, so it resumes.
 #   bash experiments/cpu_tables.sh [root=workdirs/cpu] [stage ...]
 # stages: base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain selfcontrol
-# mpnetprune selftrain20 semidiag (default: all, in that order). On 2 CPU cores (measured 2026-11-27) the first
-# seven take about 1 h 45 min; mpnet about 40 min (the MPNet-base teacher alone 20 min), long 22 min,
-# semi 58 min, prunekd 7 min (with the teacher's logits already cached by mpnet). The numbers and
-# the machine they came from are in
-# README ("CPU-sized tables").
+# mpnetprune selftrain20 semidiag (default: all, in that order). On 2 CPU cores (measured
+# 2026-11-27) the first seven take about 1 h 45 min; mpnet about 40 min (the MPNet-base teacher alone
+# 20 min), long 22 min, semi 58 min, prunekd 7 min (with the teacher's logits already cached by
+# mpnet), sst2 40 min (its dense run 14 min more, copied here from an earlier run of the same
+# config), selftrain 15 min (its teacher is semi's labelled-only run), selfcontrol 14 min,
+# mpnetprune 19 min, semidiag 13 min, selftrain20 about 25 min. The numbers and the machine they
+# came from are in README ("CPU-sized tables").
 set -euo pipefail
 ROOT=${1:-workdirs/cpu}; shift || true
 STAGES=${*:-base distill adv prune peft adv2 prune2 mpnet long semi prunekd sst2 selftrain selfcontrol mpnetprune selftrain20 semidiag}
