@@ -82,8 +82,8 @@ class DataBundle:
   split. eval: split -> callable returning a fresh iterator of eval batches. stats: flat
   "<split>/<name>" numbers. ner: split -> WordAlignment (token classification only).
   examples / encoded: the raw and tokenized splits; unlabeled: the pool's texts (labels dropped).
-  unlabeled_labels: the pool's true labels, for diagnostics only (pseudo-label accuracy); never
-  batched. notes: things the user should know (carved splits, truncation)."""
+  unlabeled_labels: the pool's true labels, for diagnostics only (pseudo-label accuracy); batched,
+  as "unlabeled/labels", only with data.unlabeled_label_metrics, and never a target. notes: things the user should know (carved splits, truncation)."""
 
   info: TaskInfo
   train: batching.TrainBatcher | batching.MergedBatcher | None
