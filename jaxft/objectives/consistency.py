@@ -188,15 +188,19 @@ def _two_views(apply_fn, params, batch, rng, objective, *, need_strong=False, no
           example_weights(weak))
 
 
+def _target_accuracy(batch, pseudo, keep, w) -> dict:
+  """With "unlabeled/labels" in the batch (data.unlabeled_label_metrics, diagnostics only, never a
+  target): pseudo_label_accuracy, how often the target's argmax is the true label over the rows
+  `keep` keeps; else nothing."""
+  if f"{UNLABELED}labels" not in batch:
+    return {}
+  right = (pseudo == batch[f"{UNLABELED}labels"]).astype(f32)
+  return {"pseudo_label_accuracy": jnp.sum(right * keep * w) / jnp.maximum(jnp.sum(keep * w), 1.0)}
+
+
 def _pseudo_label_metrics(batch, pseudo, mask, w) -> dict:
-  """mask_rate; with "unlabeled/labels" in the batch (data.unlabeled_label_metrics, diagnostics
-  only, never a target), pseudo_label_accuracy: how often the target's argmax is the true label,
-  over the rows the mask keeps (the teacher's accuracy for Mean Teacher)."""
-  metrics = {"mask_rate": masked_mean(mask, w)}
-  if f"{UNLABELED}labels" in batch:
-    right = (pseudo == batch[f"{UNLABELED}labels"]).astype(f32)
-    metrics["pseudo_label_accuracy"] = jnp.sum(right * mask * w) / jnp.maximum(jnp.sum(mask * w), 1.0)
-  return metrics
+  """mask_rate, and the accuracy of the masked-in targets when the true labels are batched."""
+  return {"mask_rate": masked_mean(mask, w), **_target_accuracy(batch, pseudo, mask, w)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,9 +292,8 @@ def mean_teacher_term(divergence: str = "mse", noise: Noise = Noise()):
                                     target_params=teacher)
     p = jax.nn.softmax(target, -1)
     per_example = probs_mse(p, student) if divergence == "mse" else kl_divergence(p, student)
-    metrics = _pseudo_label_metrics(batch, jnp.argmax(p, -1), jnp.ones_like(w), w)
-    metrics.pop("mask_rate")
-    return masked_mean(per_example, w), metrics
+    return (masked_mean(per_example, w),
+            _target_accuracy(batch, jnp.argmax(p, -1), jnp.ones_like(w), w))
   return term
 
 
