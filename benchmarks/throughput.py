@@ -218,7 +218,7 @@ def build_kind(kind: str, cfg, args, total_steps: int, cache: dict):
   from jaxft.objectives import registry
   from jaxft.objectives.base import Weighted, make_step
   from jaxft.train.optim import make_optimizer
-  from jaxft.train.state import TrainState, flatten
+  from jaxft.core.state import TrainState, flatten
 
   info, n_layers = task_info(), cfg.num_hidden_layers
   if kind == "lora":

@@ -23,7 +23,7 @@ import optax
 from jaxft.objectives import prune
 from jaxft.train.evaluate import Evaluator
 from jaxft.train.restore import load_workdir
-from jaxft.train.state import flatten, unflatten
+from jaxft.core.state import flatten, unflatten
 
 
 def taylor_scores(setup, state, paths, n_batches: int) -> dict:

@@ -24,7 +24,7 @@ from jaxft.objectives import perturb as P
 from jaxft.objectives.base import StepContext, Weighted, example_weights
 from jaxft.objectives.registry import Objective, register
 from jaxft.objectives.supervised import masked_mean, task_term
-from jaxft.train.state import flatten, unflatten
+from jaxft.core.state import flatten, unflatten
 
 sg = jax.lax.stop_gradient
 UNLABELED = "unlabeled/"

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft.train.state import Flat, TrainState, merge_params
+from jaxft.core.state import Flat, TrainState, merge_params
 
 Schedule = Callable[[jax.Array], jax.Array]
 

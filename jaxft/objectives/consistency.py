@@ -33,7 +33,7 @@ import numpy as np
 from jaxft.objectives.base import StepContext, Weighted, example_weights
 from jaxft.objectives.registry import Objective, register
 from jaxft.objectives.supervised import cross_entropy, masked_mean, task_term
-from jaxft.train.state import flatten, unflatten
+from jaxft.core.state import flatten, unflatten
 
 UNLABELED = "unlabeled/"
 STRONG = "unlabeled/strong/"

@@ -42,7 +42,7 @@ import optax
 
 from jaxft.objectives.base import StepContext, Weighted, example_weights, make_step
 from jaxft.objectives.supervised import IGNORE, cross_entropy, masked_mean
-from jaxft.train.state import Flat, flatten, unflatten
+from jaxft.core.state import Flat, flatten, unflatten
 
 TEACHER_PREFIX = "teacher/"
 PROJ = "distill_proj"

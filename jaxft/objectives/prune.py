@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from jaxft.objectives.base import StepContext, Weighted, make_step
-from jaxft.train.state import Flat, TrainState, flatten, unflatten
+from jaxft.core.state import Flat, TrainState, flatten, unflatten
 
 # Encoder-layer projection kernels of every family port: BERT/RoBERTa/ELECTRA (query, key, value,
 # attention/output/dense, intermediate/dense, output/dense), MPNet (q, k, v, o), DistilBERT

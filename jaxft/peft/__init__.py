@@ -24,7 +24,7 @@ from jaxft.peft.merge import init_dora, merge, peft_leaf_paths, unmergeable_path
 from jaxft.peft.methods import METHODS, check_layers, parse_method, rules_for, spec_from_config
 from jaxft.peft.optim import masked_optimizer, optimizer_guard
 from jaxft.peft.rules import FROZEN, TRAINABLE, Rule, count, describe, label_params, split
-from jaxft.train.state import flatten
+from jaxft.core.state import flatten
 
 __all__ = [
     "FROZEN", "METHODS", "PeftSpec", "Rule", "TRAINABLE", "Trainable", "apply_trainable",

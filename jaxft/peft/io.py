@@ -27,7 +27,7 @@ import numpy as np
 from jaxft.peft.layers import PeftSpec
 from jaxft.peft.merge import merge
 from jaxft.peft.rules import PEFT_LEAF, TRAINABLE, is_flat
-from jaxft.train.state import flatten, unflatten
+from jaxft.core.state import flatten, unflatten
 
 PARAMS_FILE = "peft_params.safetensors"
 CONFIG_FILE = "peft_config.json"

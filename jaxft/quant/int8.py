@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.train.state import Flat, flatten, unflatten
+from jaxft.core.state import Flat, flatten, unflatten
 
 QMAX = 127
 
@@ -101,7 +101,7 @@ def quantize_params(flat: Flat, spec: QuantSpec = QuantSpec()) -> dict:
   """Flat float params -> flat dict with QTensor leaves where `spec` selects, others unchanged."""
   if not isinstance(flat, Mapping) or any(isinstance(v, Mapping) for v in flat.values()):
     raise TypeError("quantize_params takes a flat '/'-path dict (TrainState.trainable/frozen or "
-                    "jaxft.train.state.flatten(params)), not a nested tree")
+                    "jaxft.core.state.flatten(params)), not a nested tree")
   out = {}
   for path, leaf in flat.items():
     axis = spec.channel_axis(path, leaf)

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 
 from jaxft.quant.int8 import QuantSpec, channel_scale, quantize_with_scale
-from jaxft.train.state import flatten, unflatten
+from jaxft.core.state import flatten, unflatten
 
 
 def _fake_quant_fwd_value(w: jax.Array, channel_axis: int) -> jax.Array:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft.train.state import Flat, TrainState
+from jaxft.core.state import Flat, TrainState
 
 UpdateExtras = Callable[[TrainState, TrainState, Any], dict]
 

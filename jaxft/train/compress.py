@@ -92,7 +92,7 @@ def student_from_teacher(teacher: Teacher, **model_kwargs):
   initialisation); model_kwargs go to init_random (head, num_labels, peft, dtype, ...). PEFT
   parameters the teacher lacks keep their fresh initialisation."""
   from jaxft.models import init_random
-  from jaxft.train.state import flatten, unflatten
+  from jaxft.core.state import flatten, unflatten
   params, cfg = distill_lib.student_from_teacher_layers(teacher.model.params, teacher.model.config,
                                                         teacher.layers)
   student = init_random(cfg, **model_kwargs)
@@ -157,7 +157,7 @@ def _logits_path(config, teacher: Teacher, enc, boundaries) -> pathlib.Path:
   teacher's weights and config, the tokens it reads, the compute dtype and the padding buckets.
   A retrained or edited teacher, other data or another tokenizer gets a new file."""
   from jaxft.data import pipeline
-  from jaxft.train.state import flatten
+  from jaxft.core.state import flatten
   h = hashlib.sha256(json.dumps({"v": 1, "dtype": str(config.model.dtype),
                                  "boundaries": [int(b) for b in boundaries],
                                  "teacher": teacher.model.config.to_json_string()}).encode())

@@ -27,7 +27,7 @@ import optax
 
 from jaxft.objectives.base import StepContext, Weighted, example_weights
 from jaxft.train import multitask as mt
-from jaxft.train.state import Flat, flatten
+from jaxft.core.state import Flat, flatten
 
 
 def ewc_penalty(params: Flat, anchors: Sequence[Flat], fishers: Sequence[Flat], lam: float):

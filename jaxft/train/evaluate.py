@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxft.eval import metrics as metrics_lib
 from jaxft.train import mesh as mesh_lib
-from jaxft.train.state import flatten
+from jaxft.core.state import flatten
 
 
 def resolve_split(setup, split: str | None = None) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from jaxft.objectives.base import StepContext, Weighted, global_norm
-from jaxft.train.state import Flat, flatten, unflatten
+from jaxft.core.state import Flat, flatten, unflatten
 
 
 @dataclasses.dataclass

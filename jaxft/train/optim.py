@@ -13,7 +13,7 @@ import re
 
 import optax
 
-from jaxft.train.state import Flat
+from jaxft.core.state import Flat
 
 _NO_DECAY = re.compile(r"(^|/)(bias|scale|LayerNorm|layer_norm|layernorm|ln_?\w*)(/|$)|"
                        r"(LayerNorm|layer_norm|layernorm|_ln|norm)[^/]*/(scale|bias)$")

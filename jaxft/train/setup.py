@@ -20,7 +20,7 @@ from jaxft.objectives import registry as objectives
 from jaxft.objectives.base import make_step
 from jaxft.train import mesh as mesh_lib
 from jaxft.train.optim import make_optimizer
-from jaxft.train.state import TrainState, flatten, unflatten
+from jaxft.core.state import TrainState, flatten, unflatten
 
 log = logging.getLogger("jaxft")
 

@@ -72,7 +72,7 @@ def test_tiny_run_reports_every_row(tiny_run):
 def test_train_flops_counts_the_encoder_matmuls():
   """3 x (2 x encoder kernel params x tokens + attention 4 S H per token per layer + head)."""
   import jax
-  from jaxft.train.state import flatten
+  from jaxft.core.state import flatten
   args = tp.resolve(tp.build_parser().parse_args(["--tiny"]))
   cfg = tp.bert_config(args)
   model = tp.jax_model(cfg, args, {})

@@ -18,7 +18,7 @@ from jaxft.objectives import perturb as P
 from jaxft.objectives import registry
 from jaxft.objectives.base import StepContext, make_loss_fn, make_step
 from jaxft.objectives.supervised import task_term
-from jaxft.train.state import TrainState, flatten
+from jaxft.core.state import TrainState, flatten
 
 CTX = StepContext(step=jnp.zeros((), jnp.int32), extras={})
 # Compiling six adversarial steps dominates this file's time on 2 CPU cores; the unoptimised

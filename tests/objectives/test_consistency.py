@@ -16,7 +16,7 @@ from jaxft.models.outputs import ModelOutput
 from jaxft.objectives import consistency as C
 from jaxft.objectives import registry
 from jaxft.objectives.base import StepContext, make_loss_fn, make_step
-from jaxft.train.state import TrainState, flatten, split_params
+from jaxft.core.state import TrainState, flatten, split_params
 
 CLS = types.SimpleNamespace(kind="classification", num_labels=3)
 CTX = StepContext(step=jnp.zeros((), jnp.int32), extras={})

@@ -106,7 +106,7 @@ def test_teacher_batch_views():
 import optax  # noqa: E402
 
 from jaxft.models import init_random  # noqa: E402
-from jaxft.train.state import TrainState, flatten, merge_params  # noqa: E402
+from jaxft.core.state import TrainState, flatten, merge_params  # noqa: E402
 
 
 def tiny_bert(hidden, heads, layers=2, seed=0, **kw):

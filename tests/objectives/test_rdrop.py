@@ -14,7 +14,7 @@ from jaxft.models import init_random
 from jaxft.models.outputs import ModelOutput
 from jaxft.objectives import rdrop, registry
 from jaxft.objectives.base import StepContext, make_step
-from jaxft.train.state import TrainState, split_params
+from jaxft.core.state import TrainState, split_params
 
 CTX = StepContext(step=jnp.zeros((), jnp.int32), extras={})
 # Tiny test graphs: XLA's slow optimisation passes would cost more than they save.

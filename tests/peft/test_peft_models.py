@@ -19,7 +19,7 @@ from jaxft.models import from_pretrained, init_random
 from jaxft.objectives.base import Weighted, make_step
 from jaxft.objectives.supervised import classification_term
 from jaxft.train.optim import make_optimizer
-from jaxft.train.state import TrainState, flatten, unflatten
+from jaxft.core.state import TrainState, flatten, unflatten
 
 H, L, NH, I, V, POS, TYPES, C = 36, 2, 3, 50, 61, 40, 2, 3
 HF = dict(model_type="bert", vocab_size=V, hidden_size=H, num_hidden_layers=L,

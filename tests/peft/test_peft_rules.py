@@ -13,7 +13,7 @@ from peft_toy import LAYERS, toy_init
 from jaxft import peft
 from jaxft.config import base_config
 from jaxft.peft.rules import Rule
-from jaxft.train.state import TrainState, flatten, unflatten
+from jaxft.core.state import TrainState, flatten, unflatten
 
 
 def cfg(method, **kw):

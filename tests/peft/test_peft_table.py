@@ -8,7 +8,7 @@ import pytest
 from jaxft import config as config_lib
 from jaxft import peft
 from jaxft.models import init_random
-from jaxft.train.state import flatten
+from jaxft.core.state import flatten
 
 EXP = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "peft_table.py"
 

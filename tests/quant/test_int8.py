@@ -70,7 +70,7 @@ import optax  # noqa: E402
 from jaxft.models import init_random  # noqa: E402
 from jaxft.objectives.base import Weighted, make_step  # noqa: E402
 from jaxft.objectives.supervised import classification_term  # noqa: E402
-from jaxft.train.state import TrainState, flatten, unflatten  # noqa: E402
+from jaxft.core.state import TrainState, flatten, unflatten  # noqa: E402
 
 
 @pytest.fixture(scope="module")

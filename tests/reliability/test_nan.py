@@ -10,7 +10,7 @@ from jaxft.models.outputs import ModelOutput
 from jaxft.objectives.base import Weighted, make_step
 from jaxft.objectives.supervised import classification_term
 from jaxft.train.spike import COUNT, NORMS, SKIPPED, SpikeGuard, from_config
-from jaxft.train.state import TrainState, flatten
+from jaxft.core.state import TrainState, flatten
 
 from reliability_runs import assert_trees_bitwise_equal, load_config
 

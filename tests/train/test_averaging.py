@@ -8,7 +8,7 @@ import pytest
 
 from jaxft.objectives.base import Weighted, make_step
 from jaxft.train import averaging
-from jaxft.train.state import TrainState
+from jaxft.core.state import TrainState
 
 LR = 0.1
 TARGETS = np.array([[1.0, -2.0], [3.0, 0.5], [-1.0, 1.0], [2.0, 2.0], [0.0, -1.0], [4.0, 1.0]],

@@ -130,7 +130,7 @@ def test_distillation_from_an_exported_teacher(supervised_run, tiny_bert_dir, tm
 def test_keep_layers_builds_a_shallower_model_from_the_checkpoint(tiny_bert_dir, tmp_path):
   from jaxft.models import from_pretrained
   from jaxft.train.setup import build_setup
-  from jaxft.train.state import flatten
+  from jaxft.core.state import flatten
   full = flatten(from_pretrained(str(tiny_bert_dir), head="sequence_classification",
                                  num_labels=2).params)
   s = build_setup(make_config(tiny_bert_dir, model__keep_layers="1"))

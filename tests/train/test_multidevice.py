@@ -21,7 +21,7 @@ from jaxft.objectives.base import make_step
 from jaxft.train import distributed
 from jaxft.train import mesh as mesh_lib
 from jaxft.train.optim import make_optimizer
-from jaxft.train.state import TrainState, flatten
+from jaxft.core.state import TrainState, flatten
 
 INFO = TaskInfo(name="t", kind="classification", label_names=("a", "b", "c"), num_labels=3,
                 metric_names=("accuracy",), main_metric="accuracy")

@@ -11,7 +11,7 @@ from jaxft.models.outputs import ModelOutput
 from jaxft.objectives.base import Weighted, make_step
 from jaxft.objectives.supervised import classification_term
 from jaxft.train import optim
-from jaxft.train.state import TrainState, flatten
+from jaxft.core.state import TrainState, flatten
 
 
 def linear_apply(params, batch, *, rng=None, deterministic=True, **_):

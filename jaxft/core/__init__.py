@@ -1,0 +1,1 @@
+"""The layer every other imports and that imports none of them: train state, flat params."""
