@@ -334,7 +334,8 @@ def make_distill_step(student_apply, teacher_apply, tx: optax.GradientTransforma
                       kind: str = "classification", alpha: float = 0.5, temperature: float = 2.0,
                       hidden_weight: float = 0.0, attention_weight: float = 0.0,
                       layers: LayerMap = "uniform", attention_heads: str = "match",
-                      extra_terms: Mapping[str, Weighted] | None = None, **step_kwargs):
+                      extra_terms: Mapping[str, Weighted] | None = None, step_factory=make_step,
+                      **step_kwargs):
   """The distillation train step `step(state, batch, rng) -> (state, metrics)`.
 
   The state is the student's (`trainable` may include `init_projections`) with the teacher in
@@ -351,4 +352,4 @@ def make_distill_step(student_apply, teacher_apply, tx: optax.GradientTransforma
     if name in terms:
       raise ValueError(f"extra term name {name!r} clashes with the distillation term")
   terms.update(extra_terms or {})
-  return make_step(student_apply, terms, tx, **step_kwargs)
+  return step_factory(student_apply, terms, tx, **step_kwargs)

@@ -303,7 +303,7 @@ def export_pruned(trainable: Flat, frozen: Flat, masks: Mapping):
 def make_prune_step(apply_fn, terms: Mapping[str, Weighted], tx: optax.GradientTransformation, *,
                     method: str, schedule: CubicSchedule | None = None, scope: str = "global",
                     soft_threshold: float = 0.1, l1_weight=1.0, post_update=None,
-                    update_extras=None, **step_kwargs):
+                    update_extras=None, step_factory=make_step, **step_kwargs):
   """The pruning train step `step(state, batch, rng) -> (state, metrics)`, from `make_step`.
 
   terms: the task's loss terms (e.g. supervised or distillation), each wrapped so it sees the
@@ -311,6 +311,7 @@ def make_prune_step(apply_fn, terms: Mapping[str, Weighted], tx: optax.GradientT
   (a float or a schedule). post_update / update_extras: the caller's own hooks, run before the
   pruning ones. Gradual magnitude pruning recomputes masks *before* the update of a scheduled step
   (and zeroes the newly pruned weights), so after the step at t the masks hold exactly s_t.
+  step_factory: the step the wrapped terms go to (`make_step`, or another method's step factory).
   """
   _check_method(method)
   if method in ("magnitude", "movement") and schedule is None:
@@ -334,8 +335,8 @@ def make_prune_step(apply_fn, terms: Mapping[str, Weighted], tx: optax.GradientT
                                                 new.step)}
     return extras
 
-  inner = make_step(apply_fn, step_terms, tx, post_update=post, update_extras=extras_fn,
-                    **step_kwargs)
+  inner = step_factory(apply_fn, step_terms, tx, post_update=post, update_extras=extras_fn,
+                       **step_kwargs)
 
   def recompute_magnitude(state: TrainState) -> TrainState:
     flat = {**state.frozen, **state.trainable}

@@ -2,35 +2,27 @@
 
 An objective factory takes (options, task_info) and returns an `Objective`, where `options` is
 `config.objective.<name>`: the objective's own ConfigDict, filled from the `defaults` it registered
-(so `--config.objective.fgm.epsilon=0.01` is a checked override). The training loop turns the
-Objective into a step with `jaxft.objectives.base.make_step`. Adding an objective is one module with
-a factory decorated by `@register("name", defaults={...})` (see README "Adding an objective").
+(so `--config.objective.fgm.epsilon=0.01` is a checked override). The step builder
+(jaxft.train.build) composes the Objective with the run's other parts into one step. Adding an
+objective is one module with a factory decorated by `@register("name", defaults={...})`, plus its
+module name in `_MODULES` (see README "Adding an objective"); an objective defined outside the
+package registers the same way once its module is imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-from typing import Any, Callable, Mapping
+from typing import Callable
 
-from jaxft.objectives.base import Weighted
+from jaxft.core.part import Part
 
 _REGISTRY: dict[str, Callable[..., "Objective"]] = {}
 _DEFAULTS: dict[str, dict] = {}
 
 
-@dataclasses.dataclass
-class Objective:
-  """terms: name -> Weighted loss term.
-  init_extras(trainable, frozen) -> dict: state extras created at init (e.g. an EMA teacher copy).
-  update_extras(old_state, new_state, metrics) -> dict: called after each update inside the step.
-  unlabeled: True if batches must carry an unlabeled part (keys prefixed "unlabeled/").
-  """
-
-  terms: Mapping[str, Weighted]
-  init_extras: Callable[[Any, Any], dict] | None = None
-  update_extras: Callable[..., dict] | None = None
-  unlabeled: bool = False
+# An objective is a Part (jaxft.core.part) that brings loss terms (and, for Mean Teacher or SMART,
+# the extras its teacher keeps); `unlabeled` says its batches carry an unlabeled part.
+Objective = Part
 
 
 def register(name: str, defaults: dict | None = None):
@@ -65,10 +57,13 @@ def build(objective_config, task_info) -> Objective:
   return _REGISTRY[name](objective_config[name], task_info)
 
 
+_MODULES = ("supervised", "adversarial", "consistency", "rdrop")
+
+
 def _import_all():
   # Objective modules register themselves on import; a missing optional one is not an error.
   import importlib
-  for mod in ("supervised", "adversarial", "consistency", "rdrop"):
+  for mod in _MODULES:
     try:
       importlib.import_module(f"jaxft.objectives.{mod}")
     except ModuleNotFoundError as e:

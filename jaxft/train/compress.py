@@ -1,8 +1,10 @@
-"""Turns config.distill / config.prune / config.quant into the pieces `build_setup` assembles.
+"""The I/O and config reading around compression: checks, the teacher, its cached logits.
 
 Each compression method keeps its own step function (jaxft.objectives.distill.make_distill_step,
-jaxft.objectives.prune.make_prune_step); this module only reads the config, loads the teacher,
-caches its logits, and builds the pruning schedule and the quantization spec.
+jaxft.objectives.prune.make_prune_step), which jaxft.train.parts hands to the step builder; this
+module checks config.distill / prune / quant before any data loads, loads the teacher and the
+student built from its layers, caches the teacher's logits, and builds the pruning schedule and
+the quantization spec. Every function is a no-op when its method is off.
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ from jaxft.quant.int8 import QuantSpec
 log = logging.getLogger("jaxft")
 
 QUANT_METHODS = ("", "ptq_int8", "qat_int8")
+PRUNE_METHODS = ("magnitude", "movement", "soft_movement")
+
+
+def check(config) -> QuantSpec:
+  """Refuses bad distill / prune / quant / keep_layers settings before data loads; -> the
+  quantization spec."""
+  keep = parse_layers(config.model.keep_layers, "model.keep_layers")
+  if keep and config.distill.student_layers:
+    raise ValueError("model.keep_layers and distill.student_layers both pick layers; a student "
+                     "built from teacher layers ignores model.name: set only "
+                     "distill.student_layers")
+  parse_layers(config.distill.student_layers)
+  if config.prune.method and config.prune.method not in PRUNE_METHODS:
+    raise ValueError(f"unknown prune.method {config.prune.method!r}; known: "
+                     f"{', '.join(PRUNE_METHODS)} (or '' for none)")
+  return quant_spec(config.quant)
 
 
 def quant_spec(quant_cfg) -> QuantSpec:
@@ -71,10 +89,13 @@ def parse_layers(spec: str, key: str = "distill.student_layers") -> tuple[int, .
                      "such as '0,2,4,6,8,10'") from None
 
 
-def load_teacher(config, head: str, info, tokenizer) -> Teacher:
-  """The frozen teacher: a fine-tuned checkpoint with a head for this task."""
+def load_teacher(config, head: str, info, tokenizer) -> Teacher | None:
+  """The frozen teacher (config.distill.teacher): a fine-tuned checkpoint with a head for this
+  task; None without one."""
   from jaxft.models import from_pretrained
   d = config.distill
+  if not d.teacher:
+    return None
   model = from_pretrained(assets.resolve_model(d.teacher), head=head, num_labels=info.num_labels,
                           dtype=config.model.dtype,
                           tokenizer=None if d.own_tokenizer else tokenizer,
@@ -85,6 +106,27 @@ def load_teacher(config, head: str, info, tokenizer) -> Teacher:
                      f"{info.num_labels} labels (weights not in the checkpoint: {untrained[:3]}). "
                      "Fine-tune the teacher on this task first and pass its exported directory")
   return Teacher(model, parse_layers(d.student_layers))
+
+
+def load_model(config, teacher: Teacher | None, **model_kwargs):
+  """The model that trains: config.model.name (its layers model.keep_layers when set), or a
+  student made of the teacher's layers distill.student_layers. model_kwargs go to
+  from_pretrained / init_random."""
+  from jaxft.models import from_pretrained
+  if teacher is not None and teacher.layers:
+    log.info("student: teacher layers %s", teacher.layers)
+    return student_from_teacher(teacher, **model_kwargs)
+  model = from_pretrained(assets.resolve_model(config.model.name), **model_kwargs)
+  keep = parse_layers(config.model.keep_layers, "model.keep_layers")
+  if not keep:
+    return model
+  try:  # a shallower model from the checkpoint's own layers (same rule as a student's)
+    model = student_from_teacher(Teacher(model, keep), **model_kwargs)
+  except ValueError as e:
+    raise ValueError(f"model.keep_layers={config.model.keep_layers!r} does not fit "
+                     f"{config.model.name}: {e}") from None
+  log.info("model: layers %s of %s", keep, config.model.name)
+  return model
 
 
 def student_from_teacher(teacher: Teacher, **model_kwargs):
@@ -104,6 +146,18 @@ def student_from_teacher(teacher: Teacher, **model_kwargs):
   # state, so student and teacher must not share an array (XLA would free it twice).
   flat.update({k: jnp.array(v, copy=True) for k, v in taken.items() if k in flat})
   return dataclasses.replace(student, params=unflatten(flat))
+
+
+def with_teacher_logits(teacher: Teacher | None, config, data, mesh_put):
+  """-> (data, cached): the train batches carry the teacher's cached logits where caching applies
+  (`cache_teacher_logits`); (data, False) otherwise and without a teacher."""
+  if teacher is None:
+    return data, False
+  cached = cache_teacher_logits(teacher, config, data, mesh_put)
+  if cached is None:
+    return data, False
+  from jaxft.data.views import WithTeacherLogits
+  return dataclasses.replace(data, train=WithTeacherLogits(data.train, cached)), True
 
 
 def cache_teacher_logits(teacher: Teacher, config, data, mesh_put) -> np.ndarray | None:
@@ -167,35 +221,6 @@ def _logits_path(config, teacher: Teacher, enc, boundaries) -> pathlib.Path:
   for a in (enc.input_ids, enc.token_type_ids, enc.offsets):
     h.update(np.ascontiguousarray(a).tobytes())
   return pipeline.cache_dir(config.data) / "teacher_logits" / f"{h.hexdigest()}.npy"
-
-
-@dataclasses.dataclass
-class Distillation:
-  term: Any  # Weighted loss term
-  trainable: dict  # learned projections (hidden-state transfer), "distill_proj/..."
-  extras: dict  # the teacher's params when it runs online
-
-
-def distillation(teacher: Teacher, config, data, model, info, mesh_put):
-  """-> (data with cached teacher logits where they apply, Distillation) from config.distill."""
-  from jaxft.data.views import WithTeacherLogits
-  from jaxft.objectives.base import Weighted
-  d = config.distill
-  cached = cache_teacher_logits(teacher, config, data, mesh_put)
-  if cached is not None:
-    data = dataclasses.replace(data, train=WithTeacherLogits(data.train, cached))
-  proj = {}
-  if d.hidden_weight > 0:
-    proj = distill_lib.init_projections(jax.random.key(config.seed), int(model.config.hidden_size),
-                                        int(teacher.model.config.hidden_size))
-  layers = (tuple(int(x) for x in d.layer_map.split(",")) if d.layer_map[:1].isdigit()
-            else d.layer_map)
-  term = Weighted(distill_lib.distill_term(
-      teacher.model.apply, kind=info.kind, alpha=d.alpha, temperature=d.temperature,
-      hidden_weight=d.hidden_weight, attention_weight=d.attention_weight, layers=layers,
-      attention_heads=d.attention_heads))
-  extras = distill_lib.distill_extras(teacher.model.params) if cached is None else {}
-  return data, Distillation(term, proj, extras)
 
 
 def steps_note(total_steps: int, schedule: prune_lib.CubicSchedule) -> str:

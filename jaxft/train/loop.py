@@ -222,11 +222,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
         if value is None:
           raise KeyError(f"early-stopping metric {main_metric!r} is not among the eval metrics "
                          f"{sorted(eval_metrics)}; set train.early_stopping_metric to one of them")
-        if config.train.schedule == "plateau":
-          from jaxft.train.averaging import plateau_observe
-          state = state.replace(opt_state=plateau_observe(
-              state.opt_state, float(value), mode=mode, factor=config.train.plateau_factor,
-              patience=config.train.plateau_patience))
+        state = s.after_eval(state, float(value))
         eligible = step >= s.best_from_step  # a pruning run: only once at its final sparsity
         improved = eligible and _is_better(value, best_value, mode)
         if improved:
