@@ -1,4 +1,4 @@
-"""The registered tasks and their local-file layouts (imported by `jaxft.data.tasks`).
+"""The registry of tasks and their local-file layouts (lookup and loading: `jaxft.data.tasks`).
 
 | task | kind | local source (data.data_dir) | hub |
 | --- | --- | --- | --- |
@@ -11,7 +11,7 @@
 | imdb | polarity | hub only | stanfordnlp/imdb |
 | local, local_ner | generic | data.train_file / validation_file / test_file | - |
 
-Carved splits use `tasks.seeded_split(n, fraction, seed=0)` (a numpy default_rng(0) permutation;
+Carved splits use `examples.seeded_split(n, fraction, seed=0)` (a numpy default_rng(0) permutation;
 the first round(n * fraction) indices are held out), which gives:
   mr (assets, 10,605 snippets, label = mean rating > 0): train 9,545 / validation 1,060;
   mr (rt-polarity.neg then .pos, 10,662): train 9,596 / validation 1,066;
@@ -23,14 +23,33 @@ the first round(n * fraction) indices are held out), which gives:
 from __future__ import annotations
 
 import dataclasses
-
 import pathlib
+from typing import Callable
 
 from jaxft import assets
 from jaxft.data import readers
+from jaxft.data.examples import (KINDS, Examples, HubSpec, Task, as_list, cfg_get, check_texts,
+                                 class_id, encode_labels, seeded_split)
 from jaxft.data.readers import DataError
-from jaxft.data.tasks import (Examples, HubSpec, Task, as_list, check_texts, class_id,
-                              encode_labels, register, seeded_split, cfg_get)
+
+TASKS: dict[str, Task] = {}
+LOADERS: dict[str, Callable] = {}  # generic tasks with their own load(task, data_config, splits)
+
+
+def register(task: Task, load_fn: Callable | None = None) -> Task:
+  """Adds `task` to TASKS (and `load_fn` to LOADERS); a name taken twice, an unknown kind or a main
+  metric outside metric_names is a ValueError."""
+  if task.name in TASKS:
+    raise ValueError(f"task {task.name!r} registered twice")
+  if task.kind not in KINDS:
+    raise ValueError(f"task {task.name!r}: kind must be one of {KINDS}, got {task.kind!r}")
+  if task.main_metric not in task.metric_names:
+    raise ValueError(f"task {task.name!r}: main metric {task.main_metric!r} not in metric_names")
+  TASKS[task.name] = task
+  if load_fn is not None:
+    LOADERS[task.name] = load_fn
+  return task
+
 
 _SPLIT_FILES = {"train": "train", "validation": "dev", "validation_matched": "dev_matched",
                 "validation_mismatched": "dev_mismatched", "test": "test"}

@@ -10,6 +10,9 @@ parameter trees theta_1..theta_K from one pretrained start;
     on held-out data (their Recipe 1).
 Averages are computed as theta_1 + (1/K) sum_k (theta_k - theta_1), so K identical trees average
 to exactly that tree (bitwise), and the sum never grows with K.
+
+Everything here takes arrays and parameter trees, not workdirs, so it imports nothing from jaxft;
+`jaxft.harness.analysis.load_workdir_params` reads the ingredients of finished runs.
 """
 
 from __future__ import annotations
@@ -121,15 +124,3 @@ def greedy_soup(trees: Sequence, score_fn: Callable[[object], float]) -> GreedyS
       best, soup = s, candidate
   return GreedySoup(params=soup, ingredients=chosen, score=best, individual=individual,
                     history=history)
-
-
-def load_workdir_params(workdirs: Sequence, which: str = "best") -> list:
-  """The nested params of several finished workdirs (one model each), for soups.
-
-  Uses jaxft.train.restore.load_workdir; every workdir must hold the same model and PEFT method."""
-  from jaxft.train.restore import load_workdir
-  out = []
-  for w in workdirs:
-    _, state = load_workdir(w, which)
-    out.append(state.params)
-  return out

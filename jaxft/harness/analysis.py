@@ -2,7 +2,8 @@
 
 Everything takes arrays (logits [N, C] float, labels [N] int) and, for attributions, an apply_fn,
 params and a batch, so it works in a notebook and in tests without a workdir. `analyze_workdir`
-glues it to a workdir through jaxft.train.restore.load_workdir.
+glues it to a workdir through jaxft.train.restore.load_workdir; `load_workdir_params` reads several
+finished runs' parameters for the soups of jaxft.eval.ensemble.
 
 Calibration (Guo et al. 2017): confidence c_n = max_k softmax(logits_n)_k, correct a_n = [argmax =
 y_n]; M = 15 equal-width bins B_m = (m/M, (m+1)/M] (c = 0 goes to the first bin);
@@ -247,4 +248,16 @@ def analyze_workdir(workdir, split: str | None = None, examples: Sequence[int] =
       titles.append(f"example {n_ex}: true {name(lab)}, predicted {name(pred)}; sum of "
                     f"attributions {attr[i].sum():.3f} vs F(x) - F(0) {fx[0, i] - fx[1, i]:.3f}")
     (out / "attributions.html").write_text(attribution_html(toks, attr, titles=titles))
+  return out
+
+
+def load_workdir_params(workdirs: Sequence, which: str = "best") -> list:
+  """The nested params of several finished workdirs (one model each), e.g. the ingredients of
+  `jaxft.eval.ensemble.uniform_soup` / `greedy_soup`; every workdir must hold the same model and
+  PEFT method."""
+  from jaxft.train.restore import load_workdir
+  out = []
+  for w in workdirs:
+    _, state = load_workdir(w, which)
+    out.append(state.params)
   return out

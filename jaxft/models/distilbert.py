@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxft.models import layers as L
-from jaxft.peft.layers import Adapter
+from jaxft.models.peft_layers import Adapter
 
 
 def arch_from_hf(hf) -> dict:

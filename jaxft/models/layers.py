@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft.peft.layers import Adapter, Dense, PeftSpec, Prefix, Prompt
+from jaxft.models.peft_layers import Adapter, Dense, PeftSpec, Prefix, Prompt
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.models import layers as L
-from jaxft.peft.layers import Adapter
+from jaxft.models.peft_layers import Adapter
 
 # HF's MPNetEncoder.compute_position_bias always uses 32 buckets / distance 128 (its defaults).
 NUM_BUCKETS, MAX_DISTANCE = 32, 128

@@ -6,7 +6,8 @@ embeddings. With the default `PeftSpec()` all of them are the plain layer or the
 parameter tree is exactly the Hugging Face one (kernel/bias names as nn.Dense).
 
 Parameter names added here are what `jaxft.peft.rules` keys on: `lora_a`, `lora_b`, `dora_m`,
-`ia3`, `adapter_*`, `prefix_key`, `prefix_value`, `prompt`.
+`ia3`, `adapter_*`, `prefix_key`, `prefix_value`, `prompt`. They live with the models, which build
+with them; `jaxft.peft` (rules, methods, merge) sits above and imports them from here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -104,7 +105,7 @@ class Dense(nn.Module):
       a, b = _lora_params(self, in_features, self.features, self.param_dtype)
       merged = kernel + self.peft.lora_scale * (a @ b)
       # Column norm over the input axis. Initialised from this (random) kernel; after pretrained
-      # weights are loaded, jaxft.peft.init_dora resets m to ||W0||_c so DoRA starts at W0.
+      # weights are loaded, `init_dora` resets m to ||W0||_c so DoRA starts at W0.
       m = self.param("dora_m", lambda _, w: jnp.linalg.norm(w, axis=0), kernel)
       kernel = merged * (m / jnp.linalg.norm(merged, axis=0))
       y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
@@ -193,3 +194,33 @@ class Prompt(nn.Module):
     if n <= 0:
       return h
     return jnp.concatenate([h[:, :1], h[:, 1 + n:]], axis=1)
+
+
+def lora_delta(node: Mapping, spec: PeftSpec, path: str):
+  """s A B [in, out] float32 of one Dense node {lora_a [in, r], lora_b [r, out], ...}; raises if
+  the spec disagrees with the node (no LoRA, or another rank)."""
+  a, b = node["lora_a"], node["lora_b"]
+  if spec.lora_rank <= 0:
+    raise ValueError(f"{path} has LoRA parameters but the PeftSpec has lora_rank=0; pass the spec "
+                     "the model was built with (jaxft.peft.spec_from_config(config.peft))")
+  if a.shape[-1] != spec.lora_rank or b.shape[0] != spec.lora_rank:
+    raise ValueError(f"{path}: lora_a {a.shape} / lora_b {b.shape} do not have rank "
+                     f"{spec.lora_rank} of the PeftSpec")
+  return spec.lora_scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+
+
+def init_dora(params, spec: PeftSpec):
+  """Sets every DoRA magnitude to the column norms of its merged kernel, m = ||W + s A B||_c.
+
+  DoRA starts from the pretrained function only if m = ||W0||_c of the *pretrained* W0. A module's
+  init sees random kernels, so whoever loads pretrained weights into a freshly initialised tree
+  must call this afterwards (with B = 0 at init, m becomes ||W0||_c)."""
+
+  def rec(tree, prefix):
+    if "dora_m" in tree:
+      w = tree["kernel"].astype(jnp.float32) + lora_delta(tree, spec, prefix.rstrip("/"))
+      m = tree["dora_m"]
+      return {**tree, "dora_m": jnp.linalg.norm(w, axis=0).astype(m.dtype)}
+    return {k: rec(v, f"{prefix}{k}/") if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+  return rec(params, "")

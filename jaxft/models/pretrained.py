@@ -30,7 +30,7 @@ from jaxft.models import hf as hfio
 from jaxft.models import registry
 from jaxft.models.layers import ArchConfig
 from jaxft.models.outputs import ModelOutput
-from jaxft.peft.layers import PeftSpec
+from jaxft.models.peft_layers import PeftSpec, init_dora
 
 logger = logging.getLogger("jaxft.models")
 EXPORT_MARKER = "jaxft_export.json"
@@ -381,7 +381,6 @@ def from_pretrained(name_or_path, head: Optional[str] = None, num_labels: Option
   if spec.dora and spec.lora_rank > 0:
     # DoRA's magnitude was initialised from random kernels; reset it to ||W0||_c of the loaded
     # weights so the model starts at the pretrained function.
-    from jaxft.peft.merge import init_dora
     params = init_dora(params, spec)
   tok = tokenizer if tokenizer is not None else (
       _load_tokenizer(d, family) if load_tokenizer else None)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxft.models import layers as L
-from jaxft.peft.layers import Adapter
+from jaxft.models.peft_layers import Adapter
 
 
 def _pair(x):

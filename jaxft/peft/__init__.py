@@ -1,10 +1,11 @@
 """Parameter-efficient fine-tuning as parameter partitioning.
 
-A PEFT method is (1) the parameters its hooks add to the model (`layers.PeftSpec`, built from
-`config.peft` by `spec_from_config`) and (2) regex rules saying which parameters train
-(`methods.rules_for`); `partition` labels every parameter "trainable" or "frozen" and checks that
-the rules cover each one exactly once. The train state keeps the two parts in separate flat dicts,
-so the optimizer (and its moments) only ever see the trainable part.
+A PEFT method is (1) the parameters its hooks add to the model (`PeftSpec`, built from `config.peft`
+by `spec_from_config`; the hooks are `jaxft.models.peft_layers`, where the model ports build with
+them) and (2) regex rules saying which parameters train (`methods.rules_for`); `partition` labels
+every parameter "trainable" or "frozen" and checks that the rules cover each one exactly once. The
+train state keeps the two parts in separate flat dicts, so the optimizer (and its moments) only ever
+see the trainable part.
 
     spec = peft.spec_from_config(config.peft)                       # -> PeftSpec for the model
     labels = peft.partition(config.peft, flat_params, num_layers)   # path -> trainable | frozen
@@ -19,7 +20,7 @@ from typing import Mapping
 
 from jaxft.peft.io import (Trainable, apply_trainable, export, load_trainable, model_spec,
                            peft_part, save_trainable)
-from jaxft.peft.layers import PeftSpec
+from jaxft.models.peft_layers import PeftSpec
 from jaxft.peft.merge import init_dora, merge, peft_leaf_paths, unmergeable_paths
 from jaxft.peft.methods import METHODS, check_layers, parse_method, rules_for, spec_from_config
 from jaxft.peft.optim import masked_optimizer, optimizer_guard

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.peft.layers import PeftSpec
+from jaxft.models.peft_layers import PeftSpec
 from jaxft.peft.merge import merge
 from jaxft.peft.rules import PEFT_LEAF, TRAINABLE, is_flat
 from jaxft.core.state import flatten, unflatten

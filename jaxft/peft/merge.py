@@ -1,7 +1,7 @@
 """Folding LoRA / DoRA / (IA)^3 into the base kernels, for inference and export.
 
-For a `jaxft.peft.layers.Dense` with kernel W [in, out], bias b [out], and scale s = alpha / r
-(alpha / sqrt(r) with rsLoRA), the layer computes
+For a `jaxft.models.peft_layers.Dense` with kernel W [in, out], bias b [out], and scale
+s = alpha / r (alpha / sqrt(r) with rsLoRA), the layer computes
 
     LoRA:    y = x (W + s A B) + b                        A [in, r], B [r, out]
     DoRA:    y = x (m * V / ||V||_c) + b,  V = W + s A B   m [out], ||V||_c = column norms [out]
@@ -19,8 +19,10 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
-from jaxft.peft.layers import PeftSpec
+from jaxft.models.peft_layers import PeftSpec, init_dora, lora_delta
 from jaxft.peft.rules import PEFT_LEAF
+
+__all__ = ["init_dora", "merge", "peft_leaf_paths", "unmergeable_paths"]
 
 _FOLDABLE = ("lora_a", "lora_b", "dora_m", "ia3")
 _UNMERGEABLE = ("adapter_down", "adapter_up", "prefix_key", "prefix_value", "prompt")
@@ -32,17 +34,6 @@ def _walk(tree, prefix=""):
   for k, v in tree.items():
     if isinstance(v, Mapping):
       yield from _walk(v, f"{prefix}{k}/")
-
-
-def _lora_delta(node, spec: PeftSpec, path: str):
-  a, b = node["lora_a"], node["lora_b"]
-  if spec.lora_rank <= 0:
-    raise ValueError(f"{path} has LoRA parameters but the PeftSpec has lora_rank=0; pass the spec "
-                     "the model was built with (jaxft.peft.spec_from_config(config.peft))")
-  if a.shape[-1] != spec.lora_rank or b.shape[0] != spec.lora_rank:
-    raise ValueError(f"{path}: lora_a {a.shape} / lora_b {b.shape} do not have rank "
-                     f"{spec.lora_rank} of the PeftSpec")
-  return spec.lora_scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
 
 
 def _fold(node: Mapping, spec: PeftSpec, path: str) -> dict:
@@ -57,7 +48,7 @@ def _fold(node: Mapping, spec: PeftSpec, path: str) -> dict:
   kernel = node["kernel"]
   w = kernel.astype(jnp.float32)
   if "lora_a" in node:
-    w = w + _lora_delta(node, spec, path)
+    w = w + lora_delta(node, spec, path)
     if "dora_m" in node:
       if not spec.dora:
         raise ValueError(f"{path} has dora_m but the PeftSpec has dora=False")
@@ -89,23 +80,6 @@ def merge(params, spec: PeftSpec):
   def rec(tree, prefix):
     if any(k in _FOLDABLE for k in tree):
       return _fold(tree, spec, prefix.rstrip("/"))
-    return {k: rec(v, f"{prefix}{k}/") if isinstance(v, Mapping) else v for k, v in tree.items()}
-
-  return rec(params, "")
-
-
-def init_dora(params, spec: PeftSpec):
-  """Sets every DoRA magnitude to the column norms of its merged kernel, m = ||W + s A B||_c.
-
-  DoRA starts from the pretrained function only if m = ||W0||_c of the *pretrained* W0. A module's
-  init sees random kernels, so whoever loads pretrained weights into a freshly initialised tree
-  must call this afterwards (with B = 0 at init, m becomes ||W0||_c)."""
-
-  def rec(tree, prefix):
-    if "dora_m" in tree:
-      w = tree["kernel"].astype(jnp.float32) + _lora_delta(tree, spec, prefix.rstrip("/"))
-      m = tree["dora_m"]
-      return {**tree, "dora_m": jnp.linalg.norm(w, axis=0).astype(m.dtype)}
     return {k: rec(v, f"{prefix}{k}/") if isinstance(v, Mapping) else v for k, v in tree.items()}
 
   return rec(params, "")

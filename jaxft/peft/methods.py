@@ -1,9 +1,9 @@
 """PEFT methods as (which hook parameters the model creates, which parameters train).
 
-A method contributes PeftSpec fields (what `jaxft.peft.layers` adds to the model) and trainable
-rules (which parameters the optimizer sees). `config.peft.method` names one method or a '+'-joined
-combination; a combination sets the union of the spec fields and trains the union of the trainable
-sets. The rule list of a run is
+A method contributes PeftSpec fields (what `jaxft.models.peft_layers` adds to the model) and
+trainable rules (which parameters the optimizer sees). `config.peft.method` names one method or a
+'+'-joined combination; a combination sets the union of the spec fields and trains the union of the
+trainable sets. The rule list of a run is
 
     head      trainable  ^head/                    (the task head always trains)
     <method>  trainable  ...                       (one rule per method, see METHODS)
@@ -33,7 +33,7 @@ import difflib
 import re
 from typing import Callable
 
-from jaxft.peft.layers import PeftSpec
+from jaxft.models.peft_layers import PeftSpec
 from jaxft.peft.rules import FROZEN, PEFT_LEAF, TRAINABLE, Rule
 
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)/")
@@ -80,9 +80,10 @@ def _lora_spec(cfg, method="lora") -> dict:
 
 
 def _target_hint(field: str, cfg) -> str:
-  return (f"peft.{field}={cfg[field]!r} is searched in every Dense module path (jaxft.peft.layers"
-          f".Dense); no module matched, or the model was built without this PeftSpec. See the "
-          "Dense module paths in the parameter list (the parts before '/kernel').")
+  return (f"peft.{field}={cfg[field]!r} is searched in every Dense module path "
+          f"(jaxft.models.peft_layers.Dense); no module matched, or the model was built without "
+          "this PeftSpec. See the Dense module paths in the parameter list (the parts before "
+          "'/kernel').")
 
 
 def _full(cfg, num_layers):
@@ -125,8 +126,8 @@ def _ia3(cfg, num_layers):
 def _adapter_rules(name):
   def rules(cfg, num_layers):
     return [Rule(name, r"(^|/)adapter_(down|up)/", TRAINABLE,
-                 hint="the model port never called jaxft.peft.layers.Adapter, or was built "
-                      "without this PeftSpec.")]
+                 hint="the model port never called jaxft.models.peft_layers.Adapter, or was "
+                      "built without this PeftSpec.")]
   return rules
 
 
@@ -139,12 +140,12 @@ def _adapter_spec(kind):
 
 def _prefix(cfg, num_layers):
   return [Rule("prefix", r"(^|/)prefix_(key|value)$", TRAINABLE,
-               hint="the model port never called jaxft.peft.layers.Prefix.")]
+               hint="the model port never called jaxft.models.peft_layers.Prefix.")]
 
 
 def _prompt(cfg, num_layers):
   return [Rule("prompt", r"(^|/)prompt$", TRAINABLE,
-               hint="the model port never called jaxft.peft.layers.Prompt.")]
+               hint="the model port never called jaxft.models.peft_layers.Prompt.")]
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [

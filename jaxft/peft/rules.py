@@ -28,8 +28,8 @@ TRAINABLE = "trainable"
 FROZEN = "frozen"
 LABELS = (TRAINABLE, FROZEN)
 
-# Leaves that only the PEFT hooks of jaxft.peft.layers create. They are claimed only by the method
-# that adds them, so a model built with a different PeftSpec than the config fails loudly.
+# Leaves that only the PEFT hooks of jaxft.models.peft_layers create. They are claimed only by the
+# method that adds them, so a model built with a different PeftSpec than the config fails loudly.
 PEFT_LEAF = (r"(^|/)(lora_a|lora_b|dora_m|ia3|prefix_key|prefix_value|prompt)$"
              r"|(^|/)adapter_(down|up)/")
 

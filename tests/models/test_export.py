@@ -6,7 +6,7 @@ import pytest
 import transformers as T
 
 from jaxft.models import from_pretrained, init_random
-from jaxft.peft.layers import PeftSpec
+from jaxft.models.peft_layers import PeftSpec
 
 import hf_tiny as tiny
 

@@ -9,7 +9,7 @@ from flax import traverse_util
 
 from jaxft.models import from_pretrained
 from jaxft.models import hf as hfio
-from jaxft.peft.layers import PeftSpec
+from jaxft.models.peft_layers import PeftSpec
 
 import hf_tiny as tiny
 

@@ -1,12 +1,12 @@
-"""A toy post-LN encoder built only from jaxft.peft.layers hooks, with BERT's parameter layout
-(backbone/embeddings, backbone/encoder/layer_i/{attention/{self,output},intermediate,output}, head),
-so partition / merge / count are tested independently of the model ports."""
+"""A toy post-LN encoder built only from jaxft.models.peft_layers hooks, with BERT's parameter
+layout (backbone/embeddings, backbone/encoder/layer_i/{attention/{self,output},intermediate,output},
+head), so partition / merge / count are tested independently of the model ports."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft.peft.layers import Adapter, Dense, PeftSpec, Prefix, Prompt
+from jaxft.models.peft_layers import Adapter, Dense, PeftSpec, Prefix, Prompt
 
 VOCAB, HIDDEN, HEADS, FFN, LAYERS, LABELS = 50, 12, 3, 20, 2, 3
 
