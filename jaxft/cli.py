@@ -14,10 +14,11 @@ import sys
 
 def _train(args, rest):
   from jaxft import config as config_lib
-  from jaxft.train.loop import Preempted, train_and_evaluate
+  from jaxft import recipes
+  from jaxft.train.loop import Preempted
   config = config_lib.load(args.config, config_lib.parse_overrides(rest))
   try:
-    results = train_and_evaluate(config, args.workdir, overwrite=args.overwrite)
+    results = recipes.run(config, args.workdir, overwrite=args.overwrite)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     return 0
@@ -75,6 +76,7 @@ def _bench(args, rest):
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxft", description=__doc__)
+  p.epilog = "--debug (anywhere on the line): show the full traceback of any error"
   sub = p.add_subparsers(dest="command", required=True)
 
   t = sub.add_parser("train", help="fine-tune: jaxft train --config experiments/x.py[:arg] "
@@ -123,11 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+# The exceptions jaxft raises for bad input (with a message naming the thing and the fix).
+BAD_INPUT = (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError)
+
+
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):  # orbax logs every save step at INFO
     logging.getLogger(noisy).setLevel(logging.WARNING)
   argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   if rest and args.command not in ("train", "table", "bench"):
@@ -137,10 +145,11 @@ def main(argv=None) -> int:
       from jaxft.train import distributed
       distributed.initialize()  # joins a multi-host job; a no-op on one process
     return args.fn(args, rest)
-  except (KeyError, ValueError, FileNotFoundError, FileExistsError, OSError, TypeError,
-          AttributeError, FloatingPointError) as e:
-    # Bad input: one clear line, no traceback from deep inside JAX. --debug-style detail in logs.
-    logging.getLogger("jaxft").debug("error", exc_info=True)
+  except BAD_INPUT as e:
+    # Bad input: one clear line, no traceback from deep inside JAX. Anything else (TypeError,
+    # AttributeError, ...) is a bug and keeps its traceback; --debug shows it for these too.
+    if debug:
+      raise
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jaxft {args.command}: error: {msg}", file=sys.stderr)
     return 2

@@ -149,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.self_training = ml_collections.ConfigDict(dict(
-      rounds=0,  # > 0: Noisy Student rounds (jaxft.train.self_training); needs labeled_per_class
+      rounds=0,  # > 0: Noisy Student rounds (jaxft.recipes.self_training); needs labeled_per_class
       threshold=0.0,  # teacher confidence a pool row needs to be pseudo-labeled
       max_per_class=0,  # > 0: at most this many rows per predicted class, most confident first
       teacher="",  # a finished workdir (same data config) as the first teacher instead of round 0
@@ -256,7 +256,7 @@ def load_experiment(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   module = load_module(path)
   if not hasattr(module, "get_config"):
-    raise AttributeError(f"{path} defines no get_config(arg)")
+    raise ValueError(f"{path} defines no get_config(arg)")
   config = module.get_config(arg or None)
   with config.unlocked():
     config.experiment = spec

@@ -1,6 +1,6 @@
 """Pseudo-labels for rows of the unlabeled pool, as a file a training run reads (data.pseudo_labels).
 
-Self-training (jaxft.train.self_training) writes one per round: the teacher's hard labels for the
+Self-training (jaxft.recipes.self_training) writes one per round: the teacher's hard labels for the
 pool rows it selected. The pool is the train split minus the k-per-class labeled subset
 (data.labeled_per_class, seeded), so a row index means something only for that pool: the file
 carries the pool's fingerprint and a run on any other pool (other seed, k, data or

@@ -124,7 +124,7 @@ def _search(args, opts, overrides, module, rows, root) -> int:
   from jaxft.harness import search as search_lib
   space = getattr(module, "SEARCH", None)
   if not space:
-    raise AttributeError(f"{args.experiment} defines no SEARCH = {{'train.learning_rate': "
+    raise ValueError(f"{args.experiment} defines no SEARCH = {{'train.learning_rate': "
                          "('log_uniform', 1e-5, 1e-3), ...}; --search needs one")
   params = search_lib.parse_space(space)
   for row, arg in rows.items():

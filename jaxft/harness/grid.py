@@ -36,7 +36,7 @@ def grid_of(module: types.ModuleType, path: str | pathlib.Path) -> dict[str, str
   """The experiment's GRID, checked: {row: get_config arg}."""
   grid = getattr(module, "GRID", None)
   if not grid:
-    raise AttributeError(f"{path} defines no GRID = {{row_name: get_config_arg}}; `jaxft table` "
+    raise ValueError(f"{path} defines no GRID = {{row_name: get_config_arg}}; `jaxft table` "
                          "needs one (see experiments/glue_small.py)")
   for row in grid:
     if not row or "/" in row or row.startswith("."):
@@ -161,13 +161,13 @@ def is_preemption(e: Exception) -> bool:
 
 
 def default_run_fn(config, workdir) -> dict:
-  from jaxft.train.loop import train_and_evaluate
-  return train_and_evaluate(config, workdir)
+  from jaxft import recipes
+  return recipes.run(config, workdir)
 
 
 def run_grid(runs: Sequence[Run], run_fn: RunFn | None = None, *, keep_going: bool = False,
              progress: GridProgress | None = None) -> dict[str, list[dict]]:
-  """Runs every unfinished cell with run_fn(config, workdir) (default train_and_evaluate).
+  """Runs every unfinished cell with run_fn(config, workdir) (default jaxft.recipes.run).
 
   Finished cells (results.json present) are read, not rerun; pruned cells (a search stopped them)
   are skipped. keep_going: a run that raises is reported and the grid goes on (its workdir stays

@@ -123,19 +123,18 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool = False,
-                       devices=None) -> dict:
+                       devices=None, setup_fn=None) -> dict:
   """Runs (or resumes) the experiment in `config`, writing everything into `workdir`.
 
-  Returns the results dict also written to <workdir>/results.json. With self_training.rounds > 0
-  the experiment is a sequence of runs (jaxft.train.self_training) in sub-workdirs.
+  Returns the results dict also written to <workdir>/results.json. Experiments made of several
+  runs (self-training) go through jaxft.recipes.run, which calls this for each run.
+  setup_fn(config, devices=...) -> Setup replaces build_setup (a recipe's data and model around
+  the same step builder).
   """
-  if config.self_training.rounds > 0:
-    from jaxft.train import self_training
-    return self_training.run(config, workdir, overwrite=overwrite, devices=devices)
   workdir = pathlib.Path(workdir)
   can_resume = prepare_workdir(workdir, config, overwrite)
   t_start = time.time()
-  s: Setup = build_setup(config, devices=devices)
+  s: Setup = (setup_fn or build_setup)(config, devices=devices)
   writer = MetricWriter(workdir)
   writer.write("info", 0, {"trainable_params": s.counts["trainable_params"],
                           "total_params": s.counts["total_params"],
@@ -164,7 +163,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
       ckpts.recover_best(best_step)
       log.info("resumed from step %d", start_step)
 
-  evaluator = Evaluator(s)
+  evaluator = s.evaluator or Evaluator(s)
   main_metric = config.train.early_stopping_metric or s.data.info.main_metric
   mode = "min" if main_metric in ("loss",) else "max"
   eval_every = config.train.eval_every or s.data.train.steps_per_epoch
@@ -286,6 +285,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   }
   if quant is not None:
     results["int8"] = quant
+  if s.summarize is not None:
+    results.update(s.summarize(history_eval))
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   writer.write("info", step, {"done": 1, "wall_time_s": wall})
   writer.close()

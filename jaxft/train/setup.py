@@ -40,6 +40,10 @@ class Setup:
   total_steps: int
   trace_count: list  # [n]: how many times the step was traced (compiled)
   quant_spec: Any = None
+  # A recipe's own evaluation (several tasks' metrics) and summary of the eval history (e.g. a
+  # continual run's forgetting) for results.json; None: the task's Evaluator, no summary.
+  evaluator: Any = None
+  summarize: Callable[[list], dict] | None = None
 
   @property
   def counts(self) -> dict:

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxft.train import self_training
-from jaxft.train.loop import train_and_evaluate
+from jaxft.recipes import self_training
+from jaxft.recipes import run as train_and_evaluate
 from tests.train.test_loop import make_config
 
 

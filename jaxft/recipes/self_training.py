@@ -97,7 +97,7 @@ def _round_config(config, pseudo_file: pathlib.Path | None):
 
 def run(config, workdir, *, overwrite: bool = False, devices=None) -> dict:
   """Runs (or resumes) the R + 1 runs of a self-training experiment; returns its results."""
-  from jaxft.train.loop import prepare_workdir, train_and_evaluate
+  from jaxft.train.loop import prepare_workdir, train_and_evaluate  # one round = one run
   check(config)
   st = config.self_training
   teacher = pathlib.Path(st.teacher) if st.teacher else None
