@@ -10,14 +10,14 @@ One run measures, for each shape (sequence length x batch size):
   - torch eager / torch.compile: transformers.BertForSequenceClassification, random init,
     attn_implementation="sdpa", fp32 master weights under torch.autocast(bf16), global-norm
     clipping 1.0 and torch.optim.AdamW(fused=True on CUDA): the Hugging Face Trainer's --bf16 step.
-  - jaxft step kinds, built the way training builds them: `jaxft.objectives.registry.build` ->
-    `jaxft.objectives.base.make_step` (or the distill / prune step factories) -> jitted with
-    `jaxft.train.mesh.jit_step` (donated state, explicit shardings), the optimizer from
-    `jaxft.train.optim.make_optimizer` (AdamW, clipping 1.0). Kinds: supervised, lora (r = 8 on
-    query/value, `jaxft.peft`), uda, fixmatch (an unlabeled part of the same size), fgm, pgd (3
-    steps), freelb (3 steps), smart, vat, rdrop, distill (a teacher of the same size, a student with
-    half the layers, logit KD), prune (movement pruning, global top-k every step). A kind whose
-    module does not import is listed as "not available".
+  - jaxft step kinds: the step `jaxft train` runs for that kind's config, from the one step
+    builder `jaxft.train.build.build` (base_config(): AdamW, clipping 1.0, the NaN guard; a
+    constant learning rate), jitted with `jaxft.train.mesh.jit_step` (donated state, explicit
+    shardings). Kinds: supervised, lora (r = 8 on query/value, `jaxft.peft`), uda, fixmatch (an
+    unlabeled part of the same size), fgm, pgd (3 steps), freelb (3 steps), smart, vat, rdrop,
+    distill (a teacher of the same size, a student with half the layers, logit KD), prune
+    (movement pruning, global top-k every 100 steps). A kind whose module does not import is
+    listed as "not available".
   - host: the input pipeline, building bucketed numpy batches with `jaxft.data.batching` from a
     synthetic length distribution (lognormal, median S/3); its time per batch against the step
     time, the padding fraction, and the supervised step run over those buckets, checking it traced
@@ -36,10 +36,10 @@ Speed features as flags: --dtype (compute dtype; params stay float32), --attenti
 (jax.nn.dot_product_attention implementation), --remat, --no-donate, --attention-dropout (0 by
 default on both sides: with attention-probability dropout jaxft materialises the probabilities).
 
-Imports: only jax, flax, optax, numpy, transformers and torch are needed; no ml_collections,
-datasets or seqeval (objective options are plain dicts with attribute access), so it runs on a
-bare GPU image. Results go to --out (RESULTS.md) and --json; --append merges an earlier --json so a
-long benchmark can be split into several runs (see benchmarks/README.md).
+Imports: jax, flax, optax, numpy, transformers, torch and ml_collections (the run config); no
+datasets or seqeval, so it runs on a bare GPU image plus the ml-collections wheel (see
+benchmarks/README.md). Results go to --out (RESULTS.md) and --json; --append merges an earlier
+--json so a long benchmark can be split into several runs (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -138,14 +138,6 @@ def task_info():
                   metric_names=("accuracy",), main_metric="accuracy")
 
 
-def train_options(lr: float = 2e-5):
-  """What jaxft.train.optim.make_optimizer reads (base_config().train defaults), as a namespace."""
-  import types
-  return types.SimpleNamespace(learning_rate=lr, warmup_ratio=0.0, schedule="constant", restarts=1,
-                               grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-                               weight_decay=0.01, layer_decay=1.0, head_learning_rate=0.0)
-
-
 def lora_options() -> Options:
   """config.peft for LoRA r = 8 on query/value (Hu et al. 2021's GLUE setting)."""
   return Options(method="lora", freeze_layers=0, lora_rank=8, lora_alpha=16.0,
@@ -212,57 +204,48 @@ def jax_model(cfg, args, cache: dict, peft=None, num_layers=None):
   return cache[key]
 
 
-def build_kind(kind: str, cfg, args, total_steps: int, cache: dict):
-  """-> (pure step, TrainState, needs_unlabeled) for one step kind; ImportError/KeyError if the
-  kind's module or registry entry is missing."""
-  from jaxft.objectives import registry
-  from jaxft.objectives.base import Weighted, make_step
-  from jaxft.train.optim import make_optimizer
-  from jaxft.core.state import TrainState, flatten
-
-  info, n_layers = task_info(), cfg.num_hidden_layers
+def kind_config(kind: str, lr: float = 2e-5):
+  """The run config of one step kind: base_config() (AdamW, clipping 1.0, the NaN guard: what
+  `jaxft train` uses) with a constant learning rate, plus the kind's own section."""
+  from jaxft.config import base_config
+  c = base_config()
+  c.train.learning_rate, c.train.warmup_ratio, c.train.schedule = lr, 0.0, "constant"
+  c.objective.name = "supervised" if kind in ("lora", "distill", "prune") else kind
+  if kind in ("pgd", "freelb"):
+    c.objective[kind].steps = 3
   if kind == "lora":
-    from jaxft import peft
-    opts = lora_options()
-    model = jax_model(cfg, args, cache, peft=peft.spec_from_config(opts))
-    flat = flatten(model.params)
-    labels = peft.partition(opts, flat, n_layers)
-    trainable = {k: v for k, v in flat.items() if labels[k] == "trainable"}
-    frozen = {k: v for k, v in flat.items() if labels[k] != "trainable"}
-  elif kind == "distill":
-    from jaxft.objectives import distill
-    model = jax_model(cfg, args, cache, num_layers=max(n_layers // 2, 1))
-    teacher = jax_model(cfg, args, cache)
-    trainable, frozen = flatten(model.params), {}
-  else:
-    model = jax_model(cfg, args, cache)
-    trainable, frozen = flatten(model.params), {}
-  tx, schedule = make_optimizer(train_options(), trainable, n_layers, total_steps)
+    c.peft.update(lora_options())
+  if kind == "prune":  # movement pruning, global top-k, masks every 100 steps
+    c.prune.update(method="movement", final_sparsity=0.9, begin_fraction=0.0, end_fraction=1.0,
+                   frequency=100)
+  if kind == "distill":  # logit KD from a teacher of the same size, student of half the layers
+    c.distill.update(teacher="(benchmark teacher)", alpha=0.5, temperature=2.0)
+  return c
 
-  if kind == "distill":
-    step = distill.make_distill_step(model.apply, teacher.apply, tx, kind="classification",
-                                     alpha=0.5, temperature=2.0, lr_schedule=schedule)
-    extras = distill.distill_extras(teacher.params)
-    return step, TrainState.create(trainable, frozen, tx, extras), False
-  if kind == "prune":
-    from jaxft.objectives import prune
-    from jaxft.objectives.supervised import task_term
-    sched = prune.CubicSchedule(final=0.9, begin_step=0, num_updates=10, frequency=100)
-    trainable, extras = prune.init_pruning(trainable, frozen, "movement", schedule=sched)
-    tx, schedule = make_optimizer(train_options(), trainable, n_layers, total_steps)
-    step = prune.make_prune_step(model.apply, {"sup": Weighted(task_term("classification"))}, tx,
-                                 method="movement", schedule=sched, lr_schedule=schedule)
-    return step, TrainState.create(trainable, frozen, tx, extras), False
 
-  name = "supervised" if kind == "lora" else kind
+def build_kind(kind: str, cfg, args, total_steps: int, cache: dict):
+  """-> (pure step, TrainState, needs_unlabeled) for one step kind, from jaxft.train.build.build:
+  the step `jaxft train` runs for that config. ImportError/KeyError if the kind's module or
+  registry entry is missing."""
+  from jaxft import peft
+  from jaxft.objectives import registry
+  from jaxft.train.build import build
+  from jaxft.train.compress import Teacher
+
+  config = kind_config(kind)
+  name = config.objective.name
   if name not in registry.names():
     raise KeyError(f"objective {name!r} is not registered (known: {', '.join(registry.names())})")
-  overrides = {"steps": 3} if name in ("pgd", "freelb") else {}
-  objective = registry.build(objective_config(name, **overrides), info)
-  step = make_step(model.apply, objective.terms, tx, lr_schedule=schedule,
-                   update_extras=objective.update_extras)
-  extras = objective.init_extras(trainable, frozen) if objective.init_extras else {}
-  return step, TrainState.create(trainable, frozen, tx, extras), objective.unlabeled
+  teacher = None
+  if kind == "lora":
+    model = jax_model(cfg, args, cache, peft=peft.spec_from_config(config.peft))
+  elif kind == "distill":
+    model = jax_model(cfg, args, cache, num_layers=max(cfg.num_hidden_layers // 2, 1))
+    teacher = Teacher(jax_model(cfg, args, cache), None)
+  else:
+    model = jax_model(cfg, args, cache)
+  built = build(config, model, task_info(), total_steps=total_steps, teacher=teacher)
+  return built.step, built.state, any(p.unlabeled for p in built.parts)
 
 
 def jit_counted(step, state, args):

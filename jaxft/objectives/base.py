@@ -62,9 +62,12 @@ def global_norm(tree) -> jax.Array:
   return optax.tree.norm(tree) if jax.tree_util.tree_leaves(tree) else jnp.zeros(())
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+def clip_by_norm(tree, norm: jax.Array, max_norm: float):
+  """Global-norm clipping (Pascanu et al. 2013) with a norm computed once by the caller: the same
+  select as optax.clip_by_global_norm, so results are bitwise those of the optax chain."""
+  trigger = norm < max_norm
+  return jax.tree_util.tree_map(
+      lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), tree)
 
 
 def make_loss_fn(apply_fn, terms: Mapping[str, Weighted]):
@@ -105,28 +108,40 @@ def make_step(apply_fn,
               *,
               lr_schedule: Schedule | None = None,
               grad_accum_steps: int = 1,
+              grad_clip: float = 0.0,
               nan_policy: str = "skip",
               update_extras: Callable[[TrainState, TrainState, Any], dict] | None = None,
               post_update: Callable[[Flat, TrainState], Flat] | None = None,
-              spike_guard=None):
+              spike_guard=None,
+              log_norms: bool = False):
   """Builds the pure train step `step(state, batch, rng) -> (state, metrics)`.
 
   grad_accum_steps: the batch [B, ...] is split into that many micro-batches whose gradients are
     averaged (lax.scan, so memory is that of one micro-batch).
-  nan_policy: "skip": a step whose loss or gradients are not finite leaves trainable params and
-    optimizer state bitwise unchanged and counts `skipped_steps`; "error": the same, and the loop
-    raises at the next log step naming the step range; "none": no guard.
+  grad_clip: > 0 clips the gradients to that global norm before `tx` (give it here rather than
+    as optax.clip_by_global_norm in tx: the step computes the norm once for clipping, the
+    finiteness check and the grad_norm metric).
+  nan_policy: "skip": a step whose loss or gradients are not finite leaves trainable params,
+    optimizer state and extras bitwise unchanged and counts `skipped_steps`; "error": the same,
+    and the loop raises at the next log step naming the step range; "none": no guard. Gradients
+    count as non-finite when their global norm is (an element that is NaN or +-Inf makes it so;
+    so does a sum of squares beyond float32, ~|g| > 1e19, which no healthy step reaches).
   update_extras(old_state, new_state, metrics) -> extras: e.g. EMA teacher updates, after the update.
   post_update(trainable, state) -> trainable: e.g. re-applying pruning masks to updated weights.
   spike_guard: a jaxft.train.spike.SpikeGuard (its entries in extras): an update whose gradient norm
     is far above the recent median is skipped like a non-finite one, counted in `spike_skipped`.
-  Metrics: loss, loss/<term>, <term>/<metric>, grad_norm, param_norm, update_norm, lr,
-  nonfinite (0/1), skipped_steps (running count).
+  log_norms: also return param_norm and update_norm every step (two more reductions over every
+    leaf; the loop logs param_norm at log steps without them).
+  A skipped update is a select between the new and the old buffers inside the update's own
+  elementwise fusion, not a conditional: no host round trip for the predicate, no copies.
+  Metrics: loss, loss/<term>, <term>/<metric>, grad_norm (before clipping), lr, nonfinite (0/1),
+  skipped_steps (running count); param_norm, update_norm with log_norms.
   """
   if nan_policy not in ("skip", "error", "none"):
     raise ValueError(f"nan_policy must be 'skip', 'error' or 'none', got {nan_policy!r}")
   loss_fn = make_loss_fn(apply_fn, terms)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  guarded = nan_policy != "none" or spike_guard is not None
 
   def compute_grads(state: TrainState, batch, rng):
     ctx = StepContext(step=state.step, extras=state.extras)
@@ -153,7 +168,7 @@ def make_step(apply_fn,
             jax.tree_util.tree_map(lambda x: x * scale, m))
 
   def update(state: TrainState, grads, metrics):
-    """The optimizer update -> (new state, update norm)."""
+    """The optimizer update -> (new state, updates)."""
     updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=new_trainable, opt_state=new_opt_state)
@@ -161,37 +176,42 @@ def make_step(apply_fn,
       new_state = new_state.replace(trainable=post_update(new_state.trainable, new_state))
     if update_extras is not None:
       new_state = new_state.replace(extras=update_extras(state, new_state, metrics))
-    return new_state, global_norm(updates)
+    return new_state, updates
 
   def step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     grads, metrics = compute_grads(state, batch, rng)
-    finite = jnp.logical_and(jnp.isfinite(metrics["loss"]), _all_finite(grads))
+    grad_norm = global_norm(grads)
+    finite = jnp.logical_and(jnp.isfinite(metrics["loss"]), jnp.isfinite(grad_norm))
     spike, spike_entries = jnp.zeros((), bool), {}
     if spike_guard is not None:
-      spike, spike_entries = spike_guard.check(state.extras, global_norm(grads))
-    if nan_policy == "none" and spike_guard is None:
-      new_state, update_norm = update(state, grads, metrics)
-    else:
-      # lax.cond runs one branch: a skipped step returns the old buffers (bitwise unchanged) and a
-      # normal step pays nothing for the guard (a jnp.where select would read every param twice).
+      spike, spike_entries = spike_guard.check(state.extras, grad_norm)
+    if grad_clip > 0:
+      grads = clip_by_norm(grads, grad_norm, grad_clip)
+    new_state, updates = update(state, grads, metrics)
+    apply_it = jnp.ones((), bool)
+    if guarded:
       apply_it = jnp.logical_not(spike)
       if nan_policy != "none":
         apply_it = jnp.logical_and(apply_it, finite)
-      skip = lambda st, g, m: (st.replace(step=st.step + 1), jnp.zeros((), jnp.float32))
-      new_state, update_norm = jax.lax.cond(apply_it, update, skip, state, grads, metrics)
+      keep = lambda new, old: jnp.where(apply_it, new, old)
+      new_state = new_state.replace(
+          trainable=jax.tree_util.tree_map(keep, new_state.trainable, state.trainable),
+          opt_state=jax.tree_util.tree_map(keep, new_state.opt_state, state.opt_state),
+          extras=jax.tree_util.tree_map(keep, new_state.extras, state.extras))
       skipped = state.extras["skipped_steps"]
       if nan_policy != "none":
         skipped = skipped + jnp.logical_not(finite).astype(jnp.int32)
-      # The window sees every norm, skipped or not (after the cond, which would revert it).
+      # The window sees every norm, skipped or not.
       new_state = new_state.replace(extras={**new_state.extras, "skipped_steps": skipped,
                                             **spike_entries})
     skipped = new_state.extras["skipped_steps"]
 
     metrics = dict(metrics)
-    metrics["grad_norm"] = global_norm(grads)
-    metrics["param_norm"] = global_norm(new_state.trainable)
-    metrics["update_norm"] = update_norm
+    metrics["grad_norm"] = grad_norm
+    if log_norms:
+      metrics["param_norm"] = global_norm(new_state.trainable)
+      metrics["update_norm"] = jnp.where(apply_it, global_norm(updates), 0.0)
     metrics["lr"] = (lr_schedule(state.step) if lr_schedule is not None
                      else jnp.zeros((), jnp.float32))
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)

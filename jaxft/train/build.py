@@ -15,7 +15,8 @@ own config section) and are composed the same way whatever they are:
   apply_fn            model.apply wrapped by each part's `wrap_apply`;
   step factory        jaxft.objectives.base.make_step wrapped by each part's `wrap_step`, innermost
                       last (distillation hands its terms to pruning's step, which hands them on);
-  step options        learning-rate schedule, gradient accumulation, NaN policy (config.train),
+  step options        learning-rate schedule, gradient accumulation, clipping, NaN policy
+                      (config.train),
                       every part's update_extras / post_update chained in order, its step_options;
   eval_params         {frozen, trainable} through each part's `eval_params`, last part first.
 """
@@ -106,7 +107,7 @@ def build(config, model, info, *, total_steps: int, teacher=None,
   tx, lr_schedule = make_optimizer(
       config.train, trainable, layers, total_steps,
       score_learning_rate=config.prune.score_learning_rate,
-      plateau_mode="min" if main_metric == "loss" else "max")
+      plateau_mode="min" if main_metric == "loss" else "max", clip=False)
   state = TrainState.create(trainable, frozen, tx, extras)
 
   apply_fn = model.apply
@@ -129,6 +130,8 @@ def build(config, model, info, *, total_steps: int, teacher=None,
 
   step = factory(apply_fn, compose_terms(parts), tx, lr_schedule=lr_schedule,
                  grad_accum_steps=config.train.grad_accum_steps,
+                 grad_clip=float(config.train.grad_clip),
+                 log_norms=bool(config.train.log_norms),
                  nan_policy=config.train.nan_policy, update_extras=update_extras,
                  post_update=post_update if post_fns else None, **options)
 

@@ -21,6 +21,7 @@ import time
 import jax
 
 from jaxft import config as config_lib
+from jaxft.objectives.base import global_norm
 from jaxft.train import checkpoint as ckpt_lib
 from jaxft.train import mesh as mesh_lib
 from jaxft.train.evaluate import Evaluator
@@ -171,6 +172,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   log_every = max(int(config.train.log_every), 1)
   patience = int(config.train.early_stopping_patience)
   rng = train_key(config)
+  param_norm = jax.jit(global_norm)
   progress = Progress(s.total_steps, start_step, enabled=config.train.progress)
   last_skipped, last_log_step = 0.0, start_step
   last_train = None
@@ -198,6 +200,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
 
       if step % log_every == 0 or step == s.total_steps:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if "param_norm" not in host:  # the step leaves it to log steps (train.log_norms)
+          host["param_norm"] = float(param_norm(state.trainable))
         skipped = host["skipped_steps"]
         if config.train.nan_policy == "error" and skipped > last_skipped:
           raise FloatingPointError(
@@ -287,7 +291,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
     results["int8"] = quant
   if s.summarize is not None:
     results.update(s.summarize(history_eval))
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  if jax.process_index() == 0:  # one writer per job, as for metrics.jsonl and checkpoints
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
   writer.write("info", step, {"done": 1, "wall_time_s": wall})
   writer.close()
   return results

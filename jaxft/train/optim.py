@@ -93,17 +93,20 @@ SCORES = "prune_scores/"
 
 
 def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int, *,
-                   score_learning_rate: float = 0.0, plateau_mode: str = "max"):
+                   score_learning_rate: float = 0.0, plateau_mode: str = "max",
+                   clip: bool = True):
   """-> (tx, schedule) for the flat trainable dict.
 
   Movement-pruning scores ("prune_scores/...") get their own learning rate (score_learning_rate,
   following the same warmup/decay shape) and no weight decay, as in Sanh et al. 2020.
   schedule=plateau appends a reduce-on-plateau scale (jaxft.train.averaging) the loop lowers.
+  clip=False leaves train.grad_clip out of the chain, for a step that clips with the gradient
+  norm it computes anyway (jaxft.objectives.base.make_step's grad_clip).
   """
   schedule = make_schedule(train_cfg, total_steps)
   decay_mask = {k: decays(k) and not k.startswith(SCORES) for k in trainable}
   parts = []
-  if train_cfg.grad_clip > 0:
+  if clip and train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
   parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
                            eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay,

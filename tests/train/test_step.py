@@ -57,9 +57,43 @@ def test_loss_falls_and_frozen_leaves_stay_bitwise():
   # Optimizer moments exist for trainable leaves only.
   mu = state.opt_state[0].mu
   assert set(mu) == {"head/kernel", "head/bias"}
-  for name in ("loss", "loss/sup", "sup/accuracy", "grad_norm", "param_norm", "update_norm", "lr",
-               "nonfinite", "skipped_steps"):
+  for name in ("loss", "loss/sup", "sup/accuracy", "grad_norm", "lr", "nonfinite", "skipped_steps"):
     assert m[name].shape == ()
+  assert "param_norm" not in m and "update_norm" not in m  # log steps compute param_norm
+
+
+def test_log_norms_reports_param_and_update_norms():
+  params, batch = make_problem()
+  flat = flatten(params)
+  tx = optax.sgd(0.1)
+  state = TrainState.create(flat, {}, tx)
+  step = jax.jit(make_step(linear_apply, {"sup": Weighted(classification_term())}, tx,
+                           log_norms=True))
+  new, m = step(state, batch, jax.random.key(0))
+  np.testing.assert_allclose(m["param_norm"], optax.tree.norm(new.trainable), rtol=1e-6)
+  delta = jax.tree_util.tree_map(jnp.subtract, new.trainable, state.trainable)
+  np.testing.assert_allclose(m["update_norm"], optax.tree.norm(delta), rtol=1e-5)
+  # sgd(0.1): the update is -0.1 x the gradient.
+  np.testing.assert_allclose(m["update_norm"], 0.1 * m["grad_norm"], rtol=1e-5)
+
+
+def test_clipping_in_the_step_matches_the_optax_chain_bitwise():
+  params, batch = make_problem()
+  flat = flatten(params)
+  scaled = {**flat, "head/kernel": flat["head/kernel"] * 50.0}  # a norm well above the clip
+  term = {"sup": Weighted(classification_term())}
+  chain = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(0.1, weight_decay=0.01))
+  plain = optax.adamw(0.1, weight_decay=0.01)
+  a = TrainState.create(scaled, {}, chain)
+  b = TrainState.create(scaled, {}, plain)
+  step_a = jax.jit(make_step(linear_apply, term, chain))
+  step_b = jax.jit(make_step(linear_apply, term, plain, grad_clip=0.5))
+  for _ in range(3):
+    a, ma = step_a(a, batch, jax.random.key(0))
+    b, mb = step_b(b, batch, jax.random.key(0))
+    assert float(mb["grad_norm"]) > 0.5
+  for k in a.trainable:
+    np.testing.assert_array_equal(np.asarray(a.trainable[k]), np.asarray(b.trainable[k]))
 
 
 def test_grad_accumulation_matches_full_batch():
