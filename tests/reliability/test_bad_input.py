@@ -162,3 +162,20 @@ def test_workdir_of_another_experiment_is_refused_unless_overwrite(tmp_path, tin
   assert [p.name for p in workdir.iterdir()] == ["config.json"]
   # The same experiment again resumes (no refusal, nothing moved).
   assert loop.prepare_workdir(workdir, second, overwrite=False) is True
+
+
+def test_an_internal_bug_keeps_its_traceback(tmp_path, tiny_model, capsys, monkeypatch):
+  """A TypeError / AttributeError from inside jaxft is a bug, not bad input: it propagates with its
+  traceback instead of becoming a one-line "error:" message."""
+  def broken(*args, **kwargs):
+    raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+  monkeypatch.setattr(loop, "build_setup", broken)
+  with pytest.raises(TypeError, match="unsupported operand"):
+    train(capsys, tmp_path / "run", tiny_model)
+  assert "jaxft train: error:" not in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_of_bad_input(tmp_path, tiny_model, capsys, no_compile):
+  with pytest.raises(ValueError, match="rng_impl"):
+    train(capsys, tmp_path / "run", tiny_model, "--debug", "--config.train.rng_impl=philox")
