@@ -16,6 +16,12 @@ whatever the lengths. `state_dict()` is {step, seed, fingerprint}; resuming re-d
 
 Eval order (`eval_batches`): consecutive chunks of B examples in file order, every example once;
 the last chunk is padded with example_mask 0 rows.
+
+Processes (`shards`). The global batch of B rows is cut into num_shards equal shards, one per
+device, in device order. A process that holds the devices of `shards` builds only those rows
+(B * len(shards) / num_shards of them, in shard order); which rows and the bucket length S still
+come from the whole global batch, so every process agrees on S and the rows the processes build,
+put side by side, are the one-process batch. shards=None: all of them (one process).
 """
 
 from __future__ import annotations
@@ -66,6 +72,30 @@ def check_shards(batch_size: int, num_shards: int, what: str = "batch_size") -> 
                      f"sharded over. Fix: use a multiple of {num_shards}.")
 
 
+def shard_rows(batch_size: int, num_shards: int, shards: Sequence[int] | None) -> np.ndarray:
+  """Positions in a batch of batch_size rows that the shards `shards` (of num_shards equal
+  ones) hold, in shard order: int [batch_size * len(shards) / num_shards]. None: every row."""
+  check_shards(batch_size, num_shards)
+  if shards is None:
+    return np.arange(batch_size)
+  shards = [int(k) for k in shards]
+  if not shards or sorted(set(shards)) != shards or shards[0] < 0 or shards[-1] >= num_shards:
+    raise ValueError(f"shards={shards} must be increasing shard positions in [0, {num_shards})")
+  per = batch_size // num_shards
+  return np.concatenate([np.arange(k * per, (k + 1) * per) for k in shards])
+
+
+def process_shards(num_shards: int, process_index: int, process_count: int) -> tuple[int, ...]:
+  """The shards process `process_index` of `process_count` holds when each process holds the same
+  number of consecutive devices (jaxft.train.mesh.make_mesh orders devices by process)."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process {process_index} of {process_count} does not exist")
+  if num_shards % process_count:
+    raise ValueError(f"{num_shards} devices do not split evenly over {process_count} processes")
+  per = num_shards // process_count
+  return tuple(range(process_index * per, (process_index + 1) * per))
+
+
 def make_batch(enc: Encoded, indices: np.ndarray, seq_len: int) -> Batch:
   """Rows `indices` (-1 = padding row) of `enc`, padded to [len(indices), seq_len]."""
   b = len(indices)
@@ -111,15 +141,17 @@ class TrainBatcher:
   """Deterministic, resumable train batches; see the module docstring for the order.
 
   Iterating yields batch_at(step) and advances `step`. stream: a second independent order with
-  the same seed (the unlabeled pool uses stream 1).
+  the same seed (the unlabeled pool uses stream 1). shards: the shards of the global batch this
+  process builds (module docstring); batch_at and indices_at return only their rows.
   """
 
   def __init__(self, enc: Encoded, *, batch_size: int, seed: int, boundaries: Sequence[int],
                num_shards: int = 1, drop_remainder: bool = True, fingerprint: str = "",
-               stream: int = 0, step: int = 0):
-    check_shards(batch_size, num_shards)
+               stream: int = 0, step: int = 0, shards: Sequence[int] | None = None):
+    self._local = shard_rows(batch_size, num_shards, shards)
     self.enc, self.batch_size, self.seed = enc, int(batch_size), int(seed)
     self.boundaries, self.num_shards = tuple(boundaries), num_shards
+    self.shards = None if shards is None else tuple(int(k) for k in shards)
     self.drop_remainder, self.fingerprint, self.stream = drop_remainder, fingerprint, stream
     self.step = int(step)
     n = self.num_examples = len(enc)
@@ -136,10 +168,11 @@ class TrainBatcher:
 
   @property
   def shapes(self) -> list[tuple[int, int]]:
-    """Every [B, S] a batch can have: at most len(boundaries)."""
+    """Every global [B, S] a batch can have: at most len(boundaries)."""
     return [(self.batch_size, s) for s in self.boundaries]
 
   def epoch_plan(self, epoch: int) -> list[tuple[np.ndarray, int]]:
+    """The epoch's global batches, in step order: (example indices [B], -1 = padding; S)."""
     if epoch in self._plans:
       self._plans.move_to_end(epoch)
       return self._plans[epoch]
@@ -166,11 +199,13 @@ class TrainBatcher:
     return plan
 
   def indices_at(self, step: int) -> tuple[np.ndarray, int]:
-    """(example indices [B] with -1 for padding rows, bucket length S) of the batch at `step`."""
+    """(example indices with -1 for padding rows, bucket length S) of this process's rows of the
+    batch at `step`: [B] on one process, [B * len(shards) / num_shards] with shards."""
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
     epoch, k = divmod(int(step), self.steps_per_epoch)
-    return self.epoch_plan(epoch)[k]
+    rows, seq_len = self.epoch_plan(epoch)[k]
+    return rows[self._local], seq_len
 
   def batch_at(self, step: int) -> Batch:
     rows, seq_len = self.indices_at(step)
@@ -193,7 +228,7 @@ class TrainBatcher:
     return TrainBatcher(self.enc, batch_size=self.batch_size, seed=int(state["seed"]),
                         boundaries=self.boundaries, num_shards=self.num_shards,
                         drop_remainder=self.drop_remainder, fingerprint=self.fingerprint,
-                        stream=self.stream, step=int(state["step"]))
+                        stream=self.stream, step=int(state["step"]), shards=self.shards)
 
 
 def _check_fingerprint(state: dict, expected: str) -> None:
@@ -260,17 +295,19 @@ class MergedBatcher:
 
 
 def eval_batches(enc: Encoded, *, batch_size: int, boundaries: Sequence[int],
-                 num_shards: int = 1) -> Iterator[Batch]:
+                 num_shards: int = 1, shards: Sequence[int] | None = None) -> Iterator[Batch]:
   """Every example once, in order, in chunks of batch_size; the last chunk padded with rows of
-  example_mask 0. Each chunk is padded to its own bucket length."""
+  example_mask 0. Each chunk is padded to its own bucket length. With `shards`, only this
+  process's rows of each chunk (module docstring)."""
   check_shards(batch_size, num_shards, "eval_batch_size")
+  local = shard_rows(batch_size, num_shards, shards)
   lengths = enc.lengths
   for start in range(0, len(enc), batch_size):
     rows = np.arange(start, min(start + batch_size, len(enc)))
     seq_len = bucket_length(lengths[rows], boundaries)
     if len(rows) < batch_size:
       rows = np.concatenate([rows, np.full(batch_size - len(rows), -1, rows.dtype)])
-    yield make_batch(enc, rows, seq_len)
+    yield make_batch(enc, rows[local], seq_len)
 
 
 def padding_fraction(lengths: np.ndarray, batches: Iterable[tuple[np.ndarray, int]]) -> float:

@@ -10,6 +10,10 @@ Flow: tasks.load (files / assets / hub, validated) -> optional subsets (max_*_ex
 rows; labeled_per_class, k per class seeded by `seed`, the rest an unlabeled pool; pseudo_labels,
 a file of teacher labels for pool rows appended to the labeled ones) ->
 tokenize.encode (cached) -> batching (buckets, resumable order, eval chunks).
+
+In a multi-process job each process builds only its rows of every train and eval batch (the rows
+of its devices, `batching.shard_rows`); jaxft.train.mesh.put_batch joins them into the global
+batch, which equals the one-process batch.
 """
 
 from __future__ import annotations
@@ -104,11 +108,15 @@ def cache_dir(data_config) -> pathlib.Path:
 
 def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed: int,
           num_shards: int = 1, unlabeled_ratio: float = 0, drop_remainder: bool = True,
-          with_train: bool = True) -> DataBundle:
+          with_train: bool = True, shards: Sequence[int] | None = None) -> DataBundle:
   """See the module docstring. unlabeled_ratio (mu) > 0 merges an unlabeled batch of
-  round(batch_size * mu) rows into every train batch (needs data.labeled_per_class > 0)."""
+  round(batch_size * mu) rows into every train batch (needs data.labeled_per_class > 0).
+  num_shards: the devices every batch is split over. shards: which of them this process feeds;
+  None: this JAX process's share (`local_shards`), every row on one process."""
   batching.check_shards(batch_size, num_shards)
   batching.check_shards(eval_batch_size, num_shards, "eval_batch_size")
+  if shards is None:
+    shards = local_shards(num_shards)
   max_length = int(cfg_get(data_config, "max_length", 128))
   model_max = getattr(tokenizer, "model_max_length", None)
   if model_max is not None and model_max < 10**6 and max_length > model_max:
@@ -176,7 +184,7 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
     enc = encoded[train_split]
     train_batcher = batching.TrainBatcher(
         enc, batch_size=batch_size, seed=seed, boundaries=boundaries, num_shards=num_shards,
-        drop_remainder=drop_remainder, fingerprint=fingerprint)
+        drop_remainder=drop_remainder, fingerprint=fingerprint, shards=shards)
     stats[f"{train_split}/padding_fraction"] = batching.padding_fraction(
         enc.lengths, train_batcher.epoch_plan(0))
     stats[f"{train_split}/steps_per_epoch"] = train_batcher.steps_per_epoch
@@ -192,7 +200,7 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
       batching.check_shards(u_size, num_shards, f"batch_size * unlabeled_ratio ({u_size})")
       u_batcher = batching.TrainBatcher(
           u_enc, batch_size=u_size, seed=seed, boundaries=boundaries, num_shards=num_shards,
-          drop_remainder=len(u_enc) >= u_size, stream=1,
+          drop_remainder=len(u_enc) >= u_size, stream=1, shards=shards,
           fingerprint=_fingerprint(unlabeled, tok_id, max_length, u_size, boundaries, True))
       train_batcher = batching.MergedBatcher(train_batcher, u_batcher, keep_labels=label_metrics)
 
@@ -200,7 +208,7 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
   for s in eval_splits:
     enc = encoded[s]
     evals[s] = functools.partial(batching.eval_batches, enc, batch_size=eval_batch_size,
-                                 boundaries=boundaries, num_shards=num_shards)
+                                 boundaries=boundaries, num_shards=num_shards, shards=shards)
     chunks = [(np.arange(a, min(a + eval_batch_size, len(enc))), 0)
               for a in range(0, len(enc), eval_batch_size)]
     chunks = [(np.concatenate([r, np.full(eval_batch_size - len(r), -1)]),
@@ -214,6 +222,19 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
       stats[f"{s}/n_words_without_token"] = ner[s].n_words_without_token
   return DataBundle(info, train_batcher, evals, stats, ner, examples, encoded, unlabeled,
                     boundaries, notes, unlabeled_labels)
+
+
+def local_shards(num_shards: int) -> tuple[int, ...] | None:
+  """This JAX process's shards of a batch split over num_shards devices (pass them as `shards` to
+  batching.eval_batches / TrainBatcher when building batches outside `build`); None on one
+  process. Asks JAX only when the batch is split (num_shards > 1): by then the mesh exists, so
+  the question starts no backend."""
+  if num_shards == 1:
+    return None
+  import jax  # the data layer is numpy; only which rows a process builds is JAX's to say
+  if jax.process_count() == 1:
+    return None
+  return batching.process_shards(num_shards, jax.process_index(), jax.process_count())
 
 
 def _fingerprint(train: Examples, tokenizer_id: str, max_length, batch_size, boundaries,

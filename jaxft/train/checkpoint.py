@@ -18,6 +18,10 @@ What a crash can leave behind, and what restore does with it:
 Saving a step that is already on disk is a no-op: a resumed run is bitwise deterministic, so the
 step holds the same state (this is what happens when SIGTERM arrives at a checkpoint step, or when
 a run died after `best/` committed a step but before `latest/` did).
+
+Several processes: every process makes the same save / restore calls (orbax's are collective) on
+one directory they all see; each writes the array chunks it owns, process 0 the JSON `meta` and
+the commit. Moving or copying a step (above) is process 0's, and the others wait for it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,14 @@ def _is_disk_full(e: BaseException) -> bool:
       return True
     e = e.__cause__ or e.__context__
   return False
+
+
+def _on_process_zero(fn, name: str) -> None:
+  """Runs a filesystem change on process 0 only; every process returns once it is done."""
+  if jax.process_index() == 0:
+    fn()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jaxft checkpoint: {name}")
 
 
 class Checkpoints:
@@ -164,9 +177,13 @@ class Checkpoints:
     dst = self.root / "damaged" / f"{pathlib.Path(manager.directory).name}-{step}-{int(time.time())}"
     log.warning("checkpoint at step %d in %s is %s; moved it to %s and trying an older one", step,
                 manager.directory, why, dst)
-    if jax.process_index() == 0 and src.exists():
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(src), str(dst))
+
+    def move():
+      if src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+
+    _on_process_zero(move, f"set aside {src}")
     manager.reload()
 
   def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
@@ -186,8 +203,8 @@ class Checkpoints:
       return
     src = self._step_dir(self.latest, best_step)
     if best_step in self.latest.all_steps() and (src / COMMIT_MARKER).exists():
-      if jax.process_index() == 0:
-        shutil.copytree(src, self._step_dir(self.best, best_step))
+      _on_process_zero(lambda: shutil.copytree(src, self._step_dir(self.best, best_step)),
+                       f"recover best step {best_step}")
       self.best.reload()
       log.warning("best checkpoint (step %d) was lost in a crash; restored it from latest/",
                   best_step)

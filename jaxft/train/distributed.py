@@ -12,8 +12,16 @@ JAXFT_MULTIHOST=0 turns the detection off.
 
 Call `initialize()` before anything touches a JAX device (jax.devices(), the first jnp array):
 JAX refuses to join a job after its backend started. Afterwards jax.devices() lists every chip of
-the job, jaxft.train.mesh.make_mesh builds one global mesh over them, and put_batch assembles each
-process's share of the batch into global arrays (jax.make_array_from_process_local_data).
+the job, jaxft.train.mesh.make_mesh builds one global mesh over them, each process builds only its
+rows of every batch (jaxft.data.pipeline.local_shards), and put_batch assembles them into global
+arrays (jax.make_array_from_process_local_data). Process 0 alone writes metrics.jsonl,
+results.json and the checkpoints' JSON; every process writes its own array chunks.
+
+CPU works too, e.g. 2 processes with 2 virtual devices each on one machine (what
+tests/train/test_multihost.py runs): XLA_FLAGS=--xla_force_host_platform_device_count=2 and the
+three JAX_* variables above with a free localhost port. JAX carries the cross-process collectives
+over TCP with gloo, the default of jax_cpu_collectives_implementation (env
+JAX_CPU_COLLECTIVES_IMPLEMENTATION; "mpi" is the other choice).
 """
 
 from __future__ import annotations

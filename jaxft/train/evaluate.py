@@ -49,9 +49,19 @@ class Evaluator:
 
   def real_logits(self, state, batch) -> np.ndarray:
     """Host logits of one batch's real rows (example_mask > 0); the batch need not have labels."""
-    keep = np.asarray(batch["example_mask"]) > 0
+    return self._real_rows(state, batch)[0]
+
+  def _real_rows(self, state, batch):
+    """(logits, labels or None) of the global batch's real rows, on every process: `batch` is
+    this process's share of the rows (put_batch), the numbers are the whole batch's."""
     device_batch = mesh_lib.put_batch(batch, self.setup.mesh)
-    return np.asarray(jax.device_get(self._forward(state, device_batch)))[keep]
+    logits = self._forward(state, device_batch)
+    host = mesh_lib.gather_to_host({"logits": logits, **{k: device_batch[k] for k in
+                                                         ("example_mask", "labels")
+                                                         if k in device_batch}})
+    keep = np.asarray(host["example_mask"]) > 0
+    labels = np.asarray(host["labels"])[keep] if "labels" in host else None
+    return np.asarray(host["logits"])[keep], labels
 
   def logits_and_labels(self, state):
     """-> (logits, labels) over the real examples of the split, in order: arrays [N, ...] for
@@ -59,8 +69,9 @@ class Evaluator:
     in length)."""
     all_logits, all_labels = [], []
     for batch in self.setup.data.eval[self.split]():
-      all_logits.extend(self.real_logits(state, batch))
-      all_labels.extend(np.asarray(batch["labels"])[np.asarray(batch["example_mask"]) > 0])
+      logits, labels = self._real_rows(state, batch)
+      all_logits.extend(logits)
+      all_labels.extend(labels)
     if self.setup.data.info.kind == "token_classification":
       return all_logits, all_labels
     return np.stack(all_logits), np.stack(all_labels)

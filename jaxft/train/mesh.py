@@ -4,19 +4,33 @@ The mesh has two axes: "data" (batch split) and "fsdp" (batch split too, and par
 optimizer state sharded along their largest divisible dimension, ZeRO-3 style). With fsdp = 1
 parameters are replicated and this is plain data parallelism. The same code runs on 1 CPU, 8 GPUs
 or a multi-host TPU slice: the global batch is laid out over every device of the mesh.
+
+Several processes: the mesh lists each process's devices together, in process order, so process p
+holds a consecutive block of batch shards; the data pipeline builds only those rows
+(jaxft.data.batching.process_shards) and put_batch joins every process's rows into one global
+array. Values every process needs whole (eval logits, labels) come back with gather_to_host.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxft.data import batching
 
 BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = list(devices if devices is not None else jax.devices())
+  """A (data, fsdp) mesh over `devices` (default: every device of the job, each process's
+  together, which is what lets a process feed one consecutive block of batch rows)."""
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: d.process_index)  # stable sort
+  devices = list(devices)
   n = len(devices)
   fsdp = int(mesh_cfg.fsdp)
   data = int(mesh_cfg.data)
@@ -67,13 +81,50 @@ def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "train.batch_si
                      f"of {n}, e.g. {max(n, batch_size // n * n)}")
 
 
+def process_shards(mesh: Mesh) -> tuple[int, ...]:
+  """Positions, along the flattened batch axes, of the batch shards this process's devices hold."""
+  me = jax.process_index()
+  return tuple(k for k, d in enumerate(mesh.devices.flat) if d.process_index == me)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_process_shards(mesh: Mesh) -> tuple[int, ...]:
+  shards = process_shards(mesh)
+  n = num_batch_shards(mesh)
+  expected = batching.process_shards(n, jax.process_index(), jax.process_count())
+  if shards != expected:
+    raise ValueError(f"process {jax.process_index()} holds batch shards {list(shards)} of the "
+                     f"mesh, but the data pipeline builds the rows of shards {list(expected)}: "
+                     "list each process's devices together, in process order (make_mesh does "
+                     "so by default)")
+  return shards
+
+
 def put_batch(batch: dict, mesh: Mesh) -> dict:
-  """Host numpy batch -> global arrays laid out over the batch axes (multi-host safe)."""
+  """Host numpy batch -> global arrays laid out over the batch axes.
+
+  One process: `batch` is the whole global batch [B, ...]. Several: it is this process's rows
+  [B * L / N, ...] (its L of the N batch shards, as the data pipeline builds them), and the
+  result is the global [B, ...] array every process's rows make up."""
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  shards, n = _checked_process_shards(mesh), num_batch_shards(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        sharding, x, (x.shape[0] * n // len(shards),) + x.shape[1:])
+
+  return jax.tree_util.tree_map(put, batch)
+
+
+def gather_to_host(tree):
+  """Global arrays -> numpy with every row on every process (an all-gather across processes in
+  a multi-process job, whatever the arrays' sharding; a plain device_get on one process)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def shard_state(state, mesh: Mesh):
