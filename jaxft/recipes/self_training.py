@@ -70,10 +70,12 @@ def pool_probabilities(workdir, pool=None) -> tuple[np.ndarray, list | None]:
                      "this experiment (data, seed, labeled_per_class or max_train_examples differ): "
                      "its labels would index other rows. Use a teacher run of the same data config.")
   evaluator = Evaluator(setup)
+  from jaxft.data.pipeline import local_shards
+  n = mesh_lib.num_batch_shards(setup.mesh)
   batches = batching.eval_batches(data.encoded["unlabeled"],
                                   batch_size=int(setup.config.train.eval_batch_size),
-                                  boundaries=data.boundaries,
-                                  num_shards=mesh_lib.num_batch_shards(setup.mesh))
+                                  boundaries=data.boundaries, num_shards=n,
+                                  shards=local_shards(n))
   logits = np.concatenate([evaluator.real_logits(state, b) for b in batches]).astype(np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   return probs / probs.sum(-1, keepdims=True), data.unlabeled_labels

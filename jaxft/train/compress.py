@@ -148,19 +148,20 @@ def student_from_teacher(teacher: Teacher, **model_kwargs):
   return dataclasses.replace(student, params=unflatten(flat))
 
 
-def with_teacher_logits(teacher: Teacher | None, config, data, mesh_put):
+def with_teacher_logits(teacher: Teacher | None, config, data, mesh_put, num_shards: int = 1):
   """-> (data, cached): the train batches carry the teacher's cached logits where caching applies
   (`cache_teacher_logits`); (data, False) otherwise and without a teacher."""
   if teacher is None:
     return data, False
-  cached = cache_teacher_logits(teacher, config, data, mesh_put)
+  cached = cache_teacher_logits(teacher, config, data, mesh_put, num_shards)
   if cached is None:
     return data, False
   from jaxft.data.views import WithTeacherLogits
   return dataclasses.replace(data, train=WithTeacherLogits(data.train, cached)), True
 
 
-def cache_teacher_logits(teacher: Teacher, config, data, mesh_put) -> np.ndarray | None:
+def cache_teacher_logits(teacher: Teacher, config, data, mesh_put,
+                         num_shards: int = 1) -> np.ndarray | None:
   """Teacher logits [N, C] for every train example, in dataset order; None where caching does not
   apply (token classification; hidden-state or attention transfer needs the teacher online)."""
   d = config.distill
@@ -189,13 +190,19 @@ def cache_teacher_logits(teacher: Teacher, config, data, mesh_put) -> np.ndarray
     logits = np.load(path)
     log.info("teacher logits for %d train examples from %s", len(logits), path)
     return logits
+  from jaxft.data.pipeline import local_shards
+  from jaxft.train.mesh import gather_to_host
   apply = jax.jit(lambda p, b: teacher.model.apply(p, b, deterministic=True).logits)
   out = []
   bs = int(config.train.eval_batch_size)
-  for batch in batching.eval_batches(enc, batch_size=bs, boundaries=data.boundaries):
-    keep = np.asarray(batch["example_mask"]) > 0
-    logits = np.asarray(jax.device_get(apply(teacher.model.params, mesh_put(batch))), np.float32)
-    out.append(logits[keep])
+  # Each process builds its rows of every batch; the logits of all rows come back to each.
+  for batch in batching.eval_batches(enc, batch_size=bs, boundaries=data.boundaries,
+                                     num_shards=num_shards, shards=local_shards(num_shards)):
+    device_batch = mesh_put(batch)
+    host = gather_to_host({"logits": apply(teacher.model.params, device_batch),
+                           "example_mask": device_batch["example_mask"]})
+    keep = np.asarray(host["example_mask"]) > 0
+    out.append(np.asarray(host["logits"], np.float32)[keep])
   logits = np.concatenate(out)
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,27 @@ def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
   return False
 
 
+def _prepare_workdir_once(workdir: pathlib.Path, config, overwrite: bool) -> bool:
+  """prepare_workdir on process 0 only (two processes moving one workdir aside, or one reading
+  the config.json another is writing, would collide); the others learn its answer."""
+  if jax.process_count() == 1:
+    return prepare_workdir(workdir, config, overwrite)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  flag, error = 0, None
+  if jax.process_index() == 0:
+    try:
+      flag = int(prepare_workdir(workdir, config, overwrite))
+    except FileExistsError as e:
+      flag, error = -1, e
+  flag = int(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+  if error is not None:
+    raise error
+  if flag < 0:
+    raise FileExistsError(f"workdir {workdir} was refused by process 0 (see its log)")
+  return bool(flag)
+
+
 def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
   """Renames workdir to a free <workdir>.old-<timestamp>[-n]. A fixed name would collide when two
   overwrites fall in the same second, and shutil.move would then nest the workdir inside the
@@ -133,7 +154,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   the same step builder).
   """
   workdir = pathlib.Path(workdir)
-  can_resume = prepare_workdir(workdir, config, overwrite)
+  can_resume = _prepare_workdir_once(workdir, config, overwrite)
   t_start = time.time()
   s: Setup = (setup_fn or build_setup)(config, devices=devices)
   writer = MetricWriter(workdir)

@@ -192,7 +192,8 @@ def build_setup(config, devices=None) -> Setup:
 
   total_steps = total_steps_of(config.train, data.train.steps_per_epoch)
   data, cached = compress.with_teacher_logits(teacher, config, data,
-                                              lambda b: mesh_lib.put_batch(b, mesh))
+                                              lambda b: mesh_lib.put_batch(b, mesh),
+                                              mesh_lib.num_batch_shards(mesh))
   built = build(config, model, info, total_steps=total_steps, teacher=teacher,
                 teacher_logits_cached=cached)
   log.info("step: %s", " + ".join(built.part_names))
