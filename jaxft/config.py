@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
       adam_eps=1e-8,
       rng_impl="threefry2x32",  # dropout/noise key: threefry2x32, rbg or unsafe_rbg
       nan_policy="skip",  # skip / error / none
+      log_norms=False,  # True: param_norm and update_norm every step (else param_norm at log steps)
       spike_factor=0.0,  # > 0 (e.g. 10): skip updates whose grad norm > factor x recent median
       spike_window=100,  # recent grad norms the spike guard keeps
       spike_min_history=20,  # norms seen before the spike guard acts
@@ -153,6 +154,22 @@ def base_config() -> ml_collections.ConfigDict:
       threshold=0.0,  # teacher confidence a pool row needs to be pseudo-labeled
       max_per_class=0,  # > 0: at most this many rows per predicted class, most confident first
       teacher="",  # a finished workdir (same data config) as the first teacher instead of round 0
+  ))
+
+  c.multitask = ml_collections.ConfigDict(dict(
+      tasks="",  # "" = off; "sst2,mrpc": data catalog tasks (each from data.data_dir, with the
+      # other data.* options), one shared encoder and a head per task (jaxft.recipes.multitask)
+      temperature=1.0,  # task i trains a step with p_i ~ n_i^(1/T): 1 = by size, large = uniform
+  ))
+
+  c.continual = ml_collections.ConfigDict(dict(
+      tasks="",  # "" = off; "sst2,mrpc,rte": tasks trained one after another on one encoder,
+      # a head per task (jaxft.recipes.continual); every stage ends with an eval of the tasks seen
+      steps_per_task=0,  # steps of each stage (> 0 when continual.tasks is set)
+      replay=0.0,  # probability in [0, 1) that a step of stage k > 0 trains on an earlier task
+      memory_batches=0,  # replay draws from the first M train batches of each task; 0 = all
+      ewc_lambda=0.0,  # > 0: EWC penalty lambda/2 sum_j F_j (theta - theta*_j)^2 on the encoder
+      fisher_examples=256,  # train examples of a finished task its Fisher diagonal averages over
   ))
 
   c.quant = ml_collections.ConfigDict(dict(

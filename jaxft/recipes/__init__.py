@@ -11,6 +11,12 @@ from __future__ import annotations
 
 def run(config, workdir, *, overwrite: bool = False, devices=None) -> dict:
   """Runs (or resumes) the experiment in `config` in `workdir`; returns its results dict."""
+  if config.multitask.tasks:
+    from jaxft.recipes import multitask
+    return multitask.run(config, workdir, overwrite=overwrite, devices=devices)
+  if config.continual.tasks:
+    from jaxft.recipes import continual
+    return continual.run(config, workdir, overwrite=overwrite, devices=devices)
   if config.self_training.rounds > 0:
     from jaxft.recipes import self_training
     return self_training.run(config, workdir, overwrite=overwrite, devices=devices)
