@@ -28,20 +28,22 @@ def _train(args, rest):
 
 
 def _eval(args, rest):
+  from jaxft.recipes import setup_for
   from jaxft.train.restore import evaluate_workdir
   eps = [float(e) for e in args.pgd_eps.split(",") if e.strip()]
   metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which, int8=args.int8,
                              pgd_eps=eps, pgd_steps=args.pgd_steps,
                              pgd_examples=args.pgd_examples,
-                             synonym_examples=args.synonym_attack)
+                             synonym_examples=args.synonym_attack, setup_fn=setup_for)
   print(json.dumps(metrics, indent=2))
   return 0
 
 
 def _export(args, rest):
+  from jaxft.recipes import setup_for
   from jaxft.train.restore import export_workdir
   out = export_workdir(args.workdir, args.out, which=args.which, merged=not args.adapter_only,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, setup_fn=setup_for)
   print(f"exported to {out}")
   return 0
 

@@ -380,15 +380,8 @@ def load(config, names: Sequence[str], devices=None) -> Loaded:
   from jaxft.data import pipeline
   from jaxft.train import compress
   from jaxft.train import mesh as mesh_lib
-  from jaxft.train.setup import _check_max_length, _model_kwargs, load_tokenizer, train_key
-  train_key(config)
-  qspec = compress.check(config)
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  mesh_lib.check_batch_divides(config.train.batch_size, mesh)
-  mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh, "train.eval_batch_size")
-  if config.train.batch_size % config.train.grad_accum_steps:
-    raise ValueError(f"train.batch_size={config.train.batch_size} is not a multiple of "
-                     f"train.grad_accum_steps={config.train.grad_accum_steps}")
+  from jaxft.train.setup import check_and_mesh, check_max_length, load_tokenizer, model_kwargs
+  mesh, qspec = check_and_mesh(config, devices)
   tokenizer = load_tokenizer(config.model.name)
   bundles = {}
   for t in names:
@@ -399,10 +392,10 @@ def load(config, names: Sequence[str], devices=None) -> Loaded:
     for note in bundles[t].notes:
       log.info("data %s: %s", t, note)
   spec = peft.spec_from_config(config.peft)
-  models = {t: compress.load_model(config, None, **_model_kwargs(config, b.info, spec, tokenizer))
+  models = {t: compress.load_model(config, None, **model_kwargs(config, b.info, spec, tokenizer))
             for t, b in bundles.items()}
   model = MultiHeadModel.combine(models)
-  _check_max_length(config.data.max_length, model.config)
+  check_max_length(config.data.max_length, model.config)
   return Loaded(mesh, bundles, model, spec, qspec)
 
 

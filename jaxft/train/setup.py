@@ -98,7 +98,7 @@ def total_steps_of(train_cfg, steps_per_epoch: int) -> int:
   return max(int(math.ceil(train_cfg.num_epochs * steps_per_epoch)), 1)
 
 
-def _model_kwargs(config, info, spec, tokenizer) -> dict:
+def model_kwargs(config, info, spec, tokenizer) -> dict:
   m = config.model
   return dict(
       head=_head_for(info.kind, m.head), num_labels=info.num_labels, dtype=m.dtype,
@@ -120,7 +120,7 @@ def _strong_view(config, objective_name: str, data, tokenizer):
                     pad_id=tokenizer.pad_token_id or 0, replace_id=tokenizer.mask_token_id)
 
 
-def _check_max_length(max_length: int, hf_config) -> None:
+def check_max_length(max_length: int, hf_config) -> None:
   """Position ids past the embedding table would be clamped silently by the gather: refuse them."""
   n = getattr(hf_config, "max_position_embeddings", None)
   if n is None:
@@ -148,11 +148,10 @@ def train_key(config) -> jax.Array:
   return jax.random.key(config.seed, impl=impl)
 
 
-def build_setup(config, devices=None) -> Setup:
-  from jaxft import peft
-  from jaxft.data import pipeline
+def check_and_mesh(config, devices=None):
+  """The checks that need no data or model (rng, compression options, batch sizes over the
+  devices) -> (mesh, quantization spec). Every run's setup starts here."""
   from jaxft.train import compress
-
   train_key(config)  # a bad train.rng_impl fails here, before data and model load
   qspec = compress.check(config)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
@@ -161,6 +160,15 @@ def build_setup(config, devices=None) -> Setup:
   if config.train.batch_size % config.train.grad_accum_steps:
     raise ValueError(f"train.batch_size={config.train.batch_size} is not a multiple of "
                      f"train.grad_accum_steps={config.train.grad_accum_steps}")
+  return mesh, qspec
+
+
+def build_setup(config, devices=None) -> Setup:
+  from jaxft import peft
+  from jaxft.data import pipeline
+  from jaxft.train import compress
+
+  mesh, qspec = check_and_mesh(config, devices)
 
   objective_names = objectives.names()
   if config.objective.name not in objective_names:
@@ -185,10 +193,10 @@ def build_setup(config, devices=None) -> Setup:
                                                         tokenizer))
 
   spec = peft.spec_from_config(config.peft)
-  kwargs = _model_kwargs(config, info, spec, tokenizer)
+  kwargs = model_kwargs(config, info, spec, tokenizer)
   teacher = compress.load_teacher(config, kwargs["head"], info, tokenizer)
   model = compress.load_model(config, teacher, **kwargs)
-  _check_max_length(config.data.max_length, model.config)
+  check_max_length(config.data.max_length, model.config)
 
   total_steps = total_steps_of(config.train, data.train.steps_per_epoch)
   data, cached = compress.with_teacher_logits(teacher, config, data,

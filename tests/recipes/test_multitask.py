@@ -178,3 +178,14 @@ def test_a_non_finite_step_is_skipped_bitwise(straight):
   assert int(new.step) == 1 and int(new.extras["skipped_steps"]) == 1
   assert_trees_bitwise_equal(new.trainable, old.trainable)
   assert_trees_bitwise_equal(new.opt_state, old.opt_state)
+
+
+def test_jaxft_eval_scores_every_task_of_a_finished_run(straight, capsys):
+  """`jaxft eval` rebuilds a multitask run through jaxft.recipes.setup_for; export refuses it."""
+  from jaxft import cli
+  workdir = straight["workdir"]
+  assert cli.main(["eval", "--workdir", str(workdir), "--which", "latest"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed == pytest.approx(straight["results"]["eval"], rel=1e-5)
+  assert cli.main(["export", "--workdir", str(workdir), "--out", str(workdir / "hf")]) == 2
+  assert "multi-task run" in capsys.readouterr().err
