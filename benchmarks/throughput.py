@@ -36,9 +36,9 @@ Speed features as flags: --dtype (compute dtype; params stay float32), --attenti
 (jax.nn.dot_product_attention implementation), --remat, --no-donate, --attention-dropout (0 by
 default on both sides: with attention-probability dropout jaxft materialises the probabilities).
 
-Imports: jax, flax, optax, numpy, transformers, torch and ml_collections (the run config); no
-datasets or seqeval, so it runs on a bare GPU image plus the ml-collections wheel (see
-benchmarks/README.md). Results go to --out (RESULTS.md) and --json; --append merges an earlier
+Imports: only jax, flax, optax, numpy, transformers and torch are needed; no ml_collections
+(the run config is base_config() read by benchmarks/bench_config.py), datasets or seqeval, so it
+runs on a bare GPU image. Results go to --out (RESULTS.md) and --json; --append merges an earlier
 --json so a long benchmark can be split into several runs (see benchmarks/README.md).
 """
 
@@ -207,7 +207,8 @@ def jax_model(cfg, args, cache: dict, peft=None, num_layers=None):
 def kind_config(kind: str, lr: float = 2e-5):
   """The run config of one step kind: base_config() (AdamW, clipping 1.0, the NaN guard: what
   `jaxft train` uses) with a constant learning rate, plus the kind's own section."""
-  from jaxft.config import base_config
+  sys.path.insert(0, str(HERE))
+  from bench_config import base_config
   c = base_config()
   c.train.learning_rate, c.train.warmup_ratio, c.train.schedule = lr, 0.0, "constant"
   c.objective.name = "supervised" if kind in ("lora", "distill", "prune") else kind

@@ -42,7 +42,10 @@ def arch_from_hf(hf) -> dict:
 
 
 class BertEmbeddings(nn.Module):
-  """LN(E_word[x] + E_type[t] + E_pos[p]) of size cfg.embedding_size, before dropout."""
+  """LN(E_word[x] + E_type[t] + E_pos[p]) of size cfg.embedding_size, before dropout.
+
+  Lookups and the sum are in the parameter dtype (float32); the LayerNorm's output is the first
+  tensor in cfg.dtype. Returns ([B, S, E] in cfg.dtype, the word table [V, E])."""
 
   cfg: L.ArchConfig
 
@@ -50,15 +53,15 @@ class BertEmbeddings(nn.Module):
   def __call__(self, input_ids, token_type_ids):
     cfg = self.cfg
     size = cfg.embedding_size or cfg.hidden_size
-    word = L.embed(cfg, cfg.vocab_size, size, "word_embeddings")
+    word = L.embed(cfg, cfg.vocab_size, size, "word_embeddings").embedding
+    types = L.embed(cfg, cfg.type_vocab_size, size, "token_type_embeddings").embedding
+    pos = L.embed(cfg, cfg.max_position_embeddings, size, "position_embeddings").embedding
+    h = L.rows(word, input_ids) + L.rows(types, token_type_ids)
     if cfg.position_ids == "padding_offset":
-      positions = L.padding_offset_positions(input_ids, cfg.pad_token_id)
+      h = h + L.rows(pos, L.padding_offset_positions(input_ids, cfg.pad_token_id))
     else:
-      positions = jnp.arange(input_ids.shape[1])[None, :]
-    h = word(input_ids)
-    h = h + L.embed(cfg, cfg.type_vocab_size, size, "token_type_embeddings")(token_type_ids)
-    h = h + L.embed(cfg, cfg.max_position_embeddings, size, "position_embeddings")(positions)
-    return L.layer_norm(cfg, "LayerNorm")(h), word.embedding
+      h = h + L.leading_rows(pos, input_ids.shape[1])
+    return L.layer_norm(cfg, "LayerNorm")(h), word
 
 
 class BertAttention(nn.Module):

@@ -10,7 +10,6 @@ stored weights once trained, so they load like learned ones.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from jaxft.models import layers as L
 from jaxft.models.peft_layers import Adapter
@@ -35,11 +34,12 @@ class DistilBertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids):
     cfg = self.cfg
-    word = L.embed(cfg, cfg.vocab_size, cfg.hidden_size, "word_embeddings")
-    positions = jnp.arange(input_ids.shape[1])[None, :]
-    h = word(input_ids) + L.embed(cfg, cfg.max_position_embeddings, cfg.hidden_size,
-                                  "position_embeddings")(positions)
-    return L.layer_norm(cfg, "LayerNorm")(h), word.embedding
+    # float32 lookups and sum, the LayerNorm casts to cfg.dtype (see bert.BertEmbeddings).
+    word = L.embed(cfg, cfg.vocab_size, cfg.hidden_size, "word_embeddings").embedding
+    pos = L.embed(cfg, cfg.max_position_embeddings, cfg.hidden_size,
+                  "position_embeddings").embedding
+    h = L.rows(word, input_ids) + L.leading_rows(pos, input_ids.shape[1])
+    return L.layer_norm(cfg, "LayerNorm")(h), word
 
 
 class FFN(nn.Module):

@@ -324,8 +324,42 @@ class Pooler(nn.Module):
 
 
 def embed(cfg: ArchConfig, num: int, features: int, name: str) -> nn.Embed:
+  """An embedding table [num, features] (param "embedding", HF's normal(0.02)). The families read
+  `.embedding` and look rows up with `rows` / `leading_rows` rather than calling the module:
+  nn.Embed would gather in the compute dtype, so its backward is a bf16 scatter-add."""
   return nn.Embed(num, features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   embedding_init=nn.initializers.normal(0.02), name=name)
+
+
+SMALL_TABLE = 8  # tables of at most this many rows are looked up by selects, not a gather
+
+
+def rows(table, ids):
+  """table[ids]: [..., E] in the table's (parameter) dtype, for int ids [...].
+
+  A gather (jnp.take, out-of-range ids give NaN rows) whose backward is a float32 scatter-add
+  into the table. A table of <= SMALL_TABLE rows (token types: 2 for BERT, 1 for RoBERTa) is a
+  chain of selects instead, which fuses with the embedding sum; its backward is one masked
+  reduction per row, not a scatter where every position hits the same few rows. There ids outside
+  [0, rows) read row 0.
+  """
+  n = table.shape[0]
+  if n > SMALL_TABLE:
+    return jnp.take(table, ids, axis=0)
+  out = jnp.broadcast_to(table[0], ids.shape + table.shape[1:])
+  for r in range(1, n):
+    out = jnp.where((ids == r)[..., None], table[r], out)
+  return out
+
+
+def leading_rows(table, length: int):
+  """table[0:length] as [1, length, E]: absolute positions 0..S-1 are a slice, not a gather (the
+  backward pads the gradient into the table). Fails for length > rows, where a gather would
+  have read out of range."""
+  if length > table.shape[0]:
+    raise ValueError(f"sequence length {length} exceeds the {table.shape[0]} position "
+                     "embeddings of this model")
+  return table[None, :length]
 
 
 def padding_offset_positions(input_ids, pad_token_id: int):

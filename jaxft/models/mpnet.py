@@ -66,11 +66,13 @@ class MPNetEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids):
     cfg = self.cfg
-    word = L.embed(cfg, cfg.vocab_size, cfg.hidden_size, "word_embeddings")
+    # float32 lookups and sum, the LayerNorm casts to cfg.dtype (see bert.BertEmbeddings).
+    word = L.embed(cfg, cfg.vocab_size, cfg.hidden_size, "word_embeddings").embedding
+    pos = L.embed(cfg, cfg.max_position_embeddings, cfg.hidden_size,
+                  "position_embeddings").embedding
     positions = L.padding_offset_positions(input_ids, PADDING_IDX)
-    h = word(input_ids) + L.embed(cfg, cfg.max_position_embeddings, cfg.hidden_size,
-                                  "position_embeddings")(positions)
-    return L.layer_norm(cfg, "LayerNorm")(h), word.embedding
+    h = L.rows(word, input_ids) + L.rows(pos, positions)
+    return L.layer_norm(cfg, "LayerNorm")(h), word
 
 
 class MPNetAttention(nn.Module):

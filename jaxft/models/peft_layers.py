@@ -114,8 +114,10 @@ class Dense(nn.Module):
       if lora:
         a, b = _lora_params(self, in_features, self.features, self.param_dtype)
         h = nn.Dropout(self.peft.lora_dropout)(x, deterministic=deterministic)
-        y = y + self.peft.lora_scale * jnp.dot(jnp.dot(h.astype(dtype), a.astype(dtype)),
-                                               b.astype(dtype))
+        # The scale multiplies the rank-r activations, not the [.., out] product: r / out of
+        # the elementwise work (bitwise the same for power-of-two scales such as 16 / 8).
+        low = jnp.dot(h.astype(dtype), a.astype(dtype))
+        y = y + jnp.dot(low * jnp.asarray(self.peft.lora_scale, dtype), b.astype(dtype))
     if bias is not None:
       y = y + bias.astype(dtype)
     if self.peft.ia3_on(path):

@@ -113,7 +113,8 @@ def make_step(apply_fn,
               update_extras: Callable[[TrainState, TrainState, Any], dict] | None = None,
               post_update: Callable[[Flat, TrainState], Flat] | None = None,
               spike_guard=None,
-              log_norms: bool = False):
+              log_norms: bool = False,
+              guard_in_optimizer: bool = False):
   """Builds the pure train step `step(state, batch, rng) -> (state, metrics)`.
 
   grad_accum_steps: the batch [B, ...] is split into that many micro-batches whose gradients are
@@ -132,8 +133,12 @@ def make_step(apply_fn,
     is far above the recent median is skipped like a non-finite one, counted in `spike_skipped`.
   log_norms: also return param_norm and update_norm every step (two more reductions over every
     leaf; the loop logs param_norm at log steps without them).
+  guard_in_optimizer: `tx` takes the skip decision as `tx.update(..., apply_update=ok)` and keeps
+    its own state where it is False (jaxft.train.optim.make_optimizer(guarded=True)); the step
+    then only keeps the params. Otherwise the step selects the old optimizer state itself, which
+    costs XLA a copy of the moments.
   A skipped update is a select between the new and the old buffers inside the update's own
-  elementwise fusion, not a conditional: no host round trip for the predicate, no copies.
+  elementwise fusion, not a conditional: no host round trip for the predicate.
   Metrics: loss, loss/<term>, <term>/<metric>, grad_norm (before clipping), lr, nonfinite (0/1),
   skipped_steps (running count); param_norm, update_norm with log_norms.
   """
@@ -167,10 +172,16 @@ def make_step(apply_fn,
     return (jax.tree_util.tree_map(lambda x: x * scale, g),
             jax.tree_util.tree_map(lambda x: x * scale, m))
 
-  def update(state: TrainState, grads, metrics):
+  def update(state: TrainState, grads, metrics, apply_it):
     """The optimizer update -> (new state, updates)."""
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable)
-    new_trainable = optax.apply_updates(state.trainable, updates)
+    if guard_in_optimizer:
+      updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable,
+                                         apply_update=apply_it)
+      new_trainable = jax.tree_util.tree_map(
+          lambda p, u: jnp.where(apply_it, (p + u).astype(p.dtype), p), state.trainable, updates)
+    else:
+      updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable)
+      new_trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=new_trainable, opt_state=new_opt_state)
     if post_update is not None:
       new_state = new_state.replace(trainable=post_update(new_state.trainable, new_state))
@@ -188,17 +199,20 @@ def make_step(apply_fn,
       spike, spike_entries = spike_guard.check(state.extras, grad_norm)
     if grad_clip > 0:
       grads = clip_by_norm(grads, grad_norm, grad_clip)
-    new_state, updates = update(state, grads, metrics)
     apply_it = jnp.ones((), bool)
     if guarded:
       apply_it = jnp.logical_not(spike)
       if nan_policy != "none":
         apply_it = jnp.logical_and(apply_it, finite)
+    new_state, updates = update(state, grads, metrics, apply_it)
+    if guarded:
       keep = lambda new, old: jnp.where(apply_it, new, old)
-      new_state = new_state.replace(
-          trainable=jax.tree_util.tree_map(keep, new_state.trainable, state.trainable),
-          opt_state=jax.tree_util.tree_map(keep, new_state.opt_state, state.opt_state),
-          extras=jax.tree_util.tree_map(keep, new_state.extras, state.extras))
+      kept = dict(extras=jax.tree_util.tree_map(keep, new_state.extras, state.extras))
+      if not guard_in_optimizer:
+        kept["opt_state"] = jax.tree_util.tree_map(keep, new_state.opt_state, state.opt_state)
+      if not guard_in_optimizer or post_update is not None:  # else update() kept the params
+        kept["trainable"] = jax.tree_util.tree_map(keep, new_state.trainable, state.trainable)
+      new_state = new_state.replace(**kept)
       skipped = state.extras["skipped_steps"]
       if nan_policy != "none":
         skipped = skipped + jnp.logical_not(finite).astype(jnp.int32)

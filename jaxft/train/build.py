@@ -107,7 +107,7 @@ def build(config, model, info, *, total_steps: int, teacher=None,
   tx, lr_schedule = make_optimizer(
       config.train, trainable, layers, total_steps,
       score_learning_rate=config.prune.score_learning_rate,
-      plateau_mode="min" if main_metric == "loss" else "max", clip=False)
+      plateau_mode="min" if main_metric == "loss" else "max", clip=False, guarded=True)
   state = TrainState.create(trainable, frozen, tx, extras)
 
   apply_fn = model.apply
@@ -131,7 +131,7 @@ def build(config, model, info, *, total_steps: int, teacher=None,
   step = factory(apply_fn, compose_terms(parts), tx, lr_schedule=lr_schedule,
                  grad_accum_steps=config.train.grad_accum_steps,
                  grad_clip=float(config.train.grad_clip),
-                 log_norms=bool(config.train.log_norms),
+                 log_norms=bool(config.train.log_norms), guard_in_optimizer=True,
                  nan_policy=config.train.nan_policy, update_extras=update_extras,
                  post_update=post_update if post_fns else None, **options)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxft.core.state import Flat
@@ -92,25 +94,77 @@ def scale_by_multipliers(mults: Flat) -> optax.GradientTransformation:
 SCORES = "prune_scores/"
 
 
+def _keep(apply_update, new, old):
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(apply_update, n, o), new, old)
+
+
+def guarded_scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_adam whose update takes `apply_update` (bool[]): where it is False the count
+  and moments stay bitwise as they were. The update is computed from the kept moments, so the
+  program reads each moment once and writes it in place (selecting around a plain Adam makes XLA
+  copy every moment first: the update would read the old one after its in-place overwrite).
+  Where apply_update is True the numbers are optax.scale_by_adam's, bitwise."""
+  inner = optax.scale_by_adam(b1, b2, eps)
+
+  def update_fn(updates, state, params=None, *, apply_update=True, **extra):
+    del params, extra
+    _, new = inner.update(updates, state)
+    new = optax.ScaleByAdamState(count=_keep(apply_update, new.count, state.count),
+                                 mu=_keep(apply_update, new.mu, state.mu),
+                                 nu=_keep(apply_update, new.nu, state.nu))
+    mu_hat = optax.tree.bias_correction(new.mu, b1, new.count)
+    nu_hat = optax.tree.bias_correction(new.nu, b2, new.count)
+    out = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v + 0.0) + eps), mu_hat, nu_hat)
+    return out, new
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def guarded_scale_by_learning_rate(schedule) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_learning_rate(schedule) whose step count does not advance where
+  `apply_update` is False."""
+  inner = optax.scale_by_learning_rate(schedule)
+
+  def update_fn(updates, state, params=None, *, apply_update=True, **extra):
+    del extra
+    out, new = inner.update(updates, state, params)
+    return out, _keep(apply_update, new, state)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float, mask,
+          guarded: bool = False) -> optax.GradientTransformation:
+  """optax.adamw (Loshchilov & Hutter 2019), or with guarded=True the same chain whose stateful
+  pieces take `apply_update` (the step's skip of non-finite or spiking updates; the caller
+  keeps the params where it is False). Same state structure either way."""
+  if not guarded:
+    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+  return optax.chain(guarded_scale_by_adam(b1, b2, eps),
+                     optax.add_decayed_weights(weight_decay, mask),
+                     guarded_scale_by_learning_rate(schedule))
+
+
 def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int, *,
                    score_learning_rate: float = 0.0, plateau_mode: str = "max",
-                   clip: bool = True):
+                   clip: bool = True, guarded: bool = False):
   """-> (tx, schedule) for the flat trainable dict.
 
   Movement-pruning scores ("prune_scores/...") get their own learning rate (score_learning_rate,
   following the same warmup/decay shape) and no weight decay, as in Sanh et al. 2020.
   schedule=plateau appends a reduce-on-plateau scale (jaxft.train.averaging) the loop lowers.
   clip=False leaves train.grad_clip out of the chain, for a step that clips with the gradient
-  norm it computes anyway (jaxft.objectives.base.make_step's grad_clip).
+  norm it computes anyway (jaxft.objectives.base.make_step's grad_clip). guarded=True: AdamW
+  takes the step's skip decision (`adamw`), for make_step(..., guard_in_optimizer=True).
   """
   schedule = make_schedule(train_cfg, total_steps)
   decay_mask = {k: decays(k) and not k.startswith(SCORES) for k in trainable}
   parts = []
   if clip and train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
-                           eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay,
-                           mask=decay_mask))
+  parts.append(adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
+                     eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay,
+                     mask=decay_mask, guarded=guarded))
   mults = lr_multipliers(trainable, train_cfg, num_layers)
   if score_learning_rate > 0:
     mults.update({k: score_learning_rate / train_cfg.learning_rate for k in trainable

@@ -28,10 +28,9 @@ tp = _load()
 def tiny_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like users
-  # The GPU image has no datasets / seqeval: the script must not need them (ml_collections, the
-  # run config, travels there as a wheel: benchmarks/README.md).
+  # The GPU image has no ml_collections / datasets / seqeval: the script must not need them.
   runner = ("import runpy, sys\n"
-            "for m in ('datasets', 'seqeval'): sys.modules[m] = None\n"
+            "for m in ('ml_collections', 'datasets', 'seqeval'): sys.modules[m] = None\n"
             f"sys.argv = [{str(SCRIPT)!r}, '--tiny', '--out', {str(out / 'RESULTS.md')!r}]\n"
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
   proc = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, env=env, capture_output=True,

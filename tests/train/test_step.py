@@ -190,3 +190,36 @@ def test_spike_guard_skips_an_update_far_above_the_recent_norms():
                   + jax.tree_util.tree_leaves(after.opt_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert int(after.step) == 6 and int(after.extras["spike/count"]) == 6
+
+
+def test_guarded_adamw_matches_optax_and_a_skip_keeps_everything_bitwise():
+  """The builder's optimizer takes the skip decision inside AdamW (no copies of the moments): the
+  same numbers as optax.adamw on applied steps; the old params and state on skipped ones."""
+  params, batch = make_problem()
+  flat = flatten(params)
+  term = {"sup": Weighted(classification_term())}
+  schedule = optax.linear_schedule(0.1, 0.0, 10)
+  mask = {k: k.endswith("kernel") for k in flat}
+  plain = optax.adamw(schedule, weight_decay=0.01, mask=mask)
+  guarded = optim.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, mask=mask,
+                        guarded=True)
+  a = TrainState.create(flat, {}, plain)
+  b = TrainState.create(flat, {}, guarded)
+  assert jax.tree_util.tree_structure(a.opt_state) == jax.tree_util.tree_structure(b.opt_state)
+  step_a = jax.jit(make_step(linear_apply, term, plain, grad_clip=1.0))
+  step_b = jax.jit(make_step(linear_apply, term, guarded, grad_clip=1.0, guard_in_optimizer=True))
+  for _ in range(3):
+    a, _ = step_a(a, batch, jax.random.key(0))
+    b, _ = step_b(b, batch, jax.random.key(0))
+  for x, y in zip(jax.tree_util.tree_leaves((a.trainable, a.opt_state)),
+                  jax.tree_util.tree_leaves((b.trainable, b.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # A NaN parameter makes the loss and gradients NaN: the step is skipped.
+  b_nan = b.replace(trainable={**b.trainable, "head/bias": b.trainable["head/bias"] * jnp.nan})
+  before = jax.device_get((b_nan.trainable, b_nan.opt_state))
+  after, m = step_b(b_nan, batch, jax.random.key(0))
+  assert float(m["nonfinite"]) == 1.0 and float(m["skipped_steps"]) == 1.0
+  for x, y in zip(jax.tree_util.tree_leaves(before),
+                  jax.tree_util.tree_leaves((after.trainable, after.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(after.step) == 4
