@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -303,18 +303,17 @@ def setup(config, devices=None) -> ContinualSetup:
   main = [loaded.bundles[t].info.main_metric for t in names]
   lam = float(c.ewc_lambda)
   ewc = lam > 0 and k_tasks > 1
-  extra_terms, init_extras = {}, None
-  if ewc:
-    extra_terms = {"ewc": Weighted(ewc_term(lam))}
+  extra_terms = {"ewc": Weighted(ewc_term(lam))} if ewc else {}
 
-    def init_extras(trainable, frozen):  # the trainable encoder leaves, one row per stage but K
-      rows = lambda: {k: jnp.zeros((k_tasks - 1,) + v.shape, jnp.float32)
-                      for k, v in trainable.items() if not k.startswith("head/")}
-      return {ANCHORS: rows(), FISHERS: rows()}
+  def ewc_rows(trainable, frozen):  # the trainable encoder leaves, one row per stage but K
+    rows = lambda: {k: jnp.zeros((k_tasks - 1,) + v.shape, jnp.float32)
+                    for k, v in trainable.items() if not k.startswith("head/")}
+    return {ANCHORS: rows(), FISHERS: rows()}
 
   part = mt.heads_part({t: loaded.bundles[t].info.kind for t in names},
                        label_smoothing=float(config.objective.supervised.label_smoothing),
-                       extra_terms=extra_terms, init_extras=init_extras, lr_period=spt,
+                       extra_terms=extra_terms, init_extras=ewc_rows if ewc else None,
+                       lr_period=spt,
                        name="continual")
   plan = {"tasks": names, "main_metrics": main, "steps_per_task": spt,
           "replayed": replayed(task, spt, names)}

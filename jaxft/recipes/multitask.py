@@ -44,7 +44,6 @@ import numpy as np
 from jax.tree_util import DictKey
 
 from jaxft.core.part import Part
-from jaxft.core.state import Flat
 from jaxft.objectives.base import Weighted, global_norm
 
 log = logging.getLogger("jaxft")
