@@ -23,8 +23,10 @@ DoRA, (IA)^3 and prefix tuning have no number in that table (jaxft column only).
 
 Settings here (not the paper's per-task tuned ones, which train 25-80 epochs at batch 16 with
 max length 512): AdamW, linear decay after 6% warmup, batch 32, max length 128, 3 epochs on SST-2
-and 10 on the four small tasks, one learning rate per method (LR below; full fine-tuning uses the
-glue_small rates). The task head always trains.
+and 10 on the four small tasks, one learning rate per method (METHODS below, set as
+peft.learning_rate, which the head follows too; these multi-epoch rates are lower than the
+one-epoch defaults of jaxft.peft.methods; full fine-tuning uses the glue_small rates as
+train.learning_rate). The task head always trains.
 """
 
 from jaxft.config import base_config, movie_reviews_cpu
@@ -34,7 +36,8 @@ TASKS = GLUE_TASKS + ("mr",)  # "mr": the CPU-sized row (experiments/cpu_tables.
 METRIC = {"sst2": "accuracy", "mrpc": "accuracy", "cola": "mcc", "rte": "accuracy",
           "stsb": "pearson", "mr": "accuracy"}
 
-# row name -> (peft.method, extra peft fields, learning rate)
+# row name -> (peft.method, extra peft fields, learning rate: peft.learning_rate, or for full
+# train.learning_rate)
 METHODS = {
     "full": ("full", {}, None),
     "bitfit": ("bitfit", {}, 1e-3),
@@ -98,6 +101,7 @@ def get_config(arg=None):
     for k, v in _MPNET_TARGETS.items():
       c.peft[k] = v
   if lr is None:  # full fine-tuning: the glue_small rates
-    lr = 1e-4 if c.model.name == "minilm-l6" else 2e-5
-  c.train.learning_rate = lr
+    c.train.learning_rate = 1e-4 if c.model.name == "minilm-l6" else 2e-5
+  else:  # PEFT leaves and the head train at it (jaxft.train.optim.learning_rates)
+    c.peft.learning_rate = lr
   return c

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -176,8 +177,38 @@ def fetch(name: str, force: bool = False) -> pathlib.Path:
   return dest
 
 
+# A Hugging Face repo id: "name" or "org/name", word characters, "-" and "." (huggingface_hub's
+# validate_repo_id, without its rarer rules).
+_REPO_ID = re.compile(r"^[\w.-]{1,96}(/[\w.-]{1,96})?$")
+
+
+def looks_like_path(name: str) -> bool:
+  """True when `name` can only mean a local path: absolute, starting with ~, ./ or ../, ending
+  with a separator, holding a separator other than "/" (os.sep on Windows), more than one "/",
+  anything else a hub repo id cannot hold, or whose first part is a local directory ("models/x"
+  when ./models exists). "org/name" otherwise stays a hub id."""
+  seps = tuple({"/", os.sep, *([os.altsep] if os.altsep else [])})
+  if os.path.isabs(name) or name.startswith(("~", "./", "../", ".\\", "..\\")):
+    return True
+  if name in (".", "..") or name.endswith(seps) or any(s != "/" and s in name for s in seps):
+    return True
+  if not _REPO_ID.match(name):
+    return True
+  return "/" in name and pathlib.Path(name.split("/")[0]).is_dir()
+
+
 def resolve_model(name_or_path: str) -> str:
-  """Maps an asset name ("minilm-l6") to its fetched directory; passes paths and hub ids through."""
+  """Maps an asset name ("minilm-l6") to its fetched directory; passes existing paths and hub ids
+  through. A path that does not exist (`looks_like_path`) fails here, before any hub request:
+  transformers would otherwise spend about a minute retrying it as a repo id."""
+  name_or_path = str(name_or_path)
   if name_or_path in ASSETS and ASSETS[name_or_path].kind == "models":
     return str(fetch(name_or_path))
+  if not os.path.exists(os.path.expanduser(name_or_path)) and looks_like_path(name_or_path):
+    known = ", ".join(n for n, a in ASSETS.items() if a.kind == "models")
+    raise FileNotFoundError(
+        f"model {name_or_path!r}: no such model directory "
+        f"({pathlib.Path(name_or_path).expanduser().absolute()} does not exist). Fix: point model.name at a "
+        "Hugging Face model directory (config.json + weights), or use a hub id (org/name) or an "
+        f"offline asset name ({known})")
   return name_or_path

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   e = sub.add_parser("eval", help="evaluate a workdir's best (or latest) checkpoint")
   e.add_argument("--workdir", required=True)
-  e.add_argument("--split", default=None)
+  e.add_argument("--split", default=None,
+                 help="any split the task has (e.g. test), default the run's first eval split; "
+                 "the checkpoint is still the one --which picks (best by the run's eval split)")
   e.add_argument("--which", choices=("best", "latest"), default="best")
   e.add_argument("--int8", action="store_true",
                  help="also score the weights after post-training int8 quantization (and sizes)")
@@ -109,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--out", required=True)
   x.add_argument("--which", choices=("best", "latest"), default="best")
   x.add_argument("--adapter-only", action="store_true",
-                 help="PEFT runs: write only the trained small part, not a merged model")
+                 help="PEFT runs: write every trained leaf (adapters, biases, head) with the "
+                 "method, options and head in peft_config.json, not a merged model; "
+                 "jaxft.peft.io.load_adapter(OUT) rebuilds the model on its base checkpoint")
   x.add_argument("--overwrite", action="store_true")
   x.set_defaults(fn=_export)
 

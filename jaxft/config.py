@@ -103,13 +103,22 @@ def base_config() -> ml_collections.ConfigDict:
       method="full",  # full / linear_probe / freeze_bottom / bitfit / lora / dora / adapter_houlsby /
       # adapter_pfeiffer / ia3 / prefix / prompt, or a '+'-joined combination (lora+bitfit)
       freeze_layers=0,  # freeze_bottom: number of bottom layers frozen (embeddings too)
+      # Peak learning rate of the leaves a PEFT method adds or trains (LoRA A/B, biases for bitfit,
+      # adapters, ...); 0 = each method's default (jaxft.peft.methods.METHODS, with its source).
+      # The head trains at it too unless train.head_learning_rate > 0 or the method also trains
+      # pretrained weights at train.learning_rate (full, freeze_bottom). Unused by full.
+      learning_rate=0.0,
       lora_rank=8,
       lora_alpha=16.0,
       lora_dropout=0.0,
-      # Regexes over Dense module paths; the defaults name the query/value (and for IA3 key/value
-      # and FFN output) projections of every family: BERT-likes, DistilBERT (q_lin...), MPNet (attn/q).
-      lora_targets=r"(^|/)(query|value|q_lin|v_lin|q|v)$",
+      # A preset, resolved for every family (BERT-likes, DistilBERT q_lin..., MPNet attn/q...):
+      # qv (query, value), attention (q, k, v, o), all-linear (attention and FFN of every layer);
+      # or a regex searched in the Dense module paths.
+      lora_targets="qv",
       rslora=False,
+      lora_init="default",  # default (B = 0) / pissa (Meng et al. 2024: A, B from W's top-r SVD)
+      lora_plus_ratio=0.0,  # LoRA+ (Hayou et al. 2024): B trains at ratio x the A rate; 0/1 = off
+      # (IA)^3: regex over Dense module paths (key/value and FFN output projections of every family)
       ia3_targets=r"(^|/)(key|value|k_lin|v_lin|k|v)$|(^|/)output/dense$|(^|/)ffn/lin2$",
       adapter_size=64,
       prefix_length=16,

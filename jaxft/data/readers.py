@@ -89,8 +89,19 @@ def read_delimited(path, *, delimiter: str, header: bool, quoting: bool,
 
 def read_table(path) -> dict[str, list]:
   """A local table as columns: {column: [values]}. CSV/TSV need a header row; JSON is a list of
-  records or a dict of equal-length columns; JSONL is one record per line; parquet via pyarrow."""
+  records or a dict of equal-length columns; JSONL is one record per line; parquet via pyarrow.
+  A table without a single row is a DataError naming the file (it would otherwise surface later
+  as an empty label set, blamed on another split)."""
   path = pathlib.Path(path)
+  cols = _read_table(path)
+  if not cols or not any(len(v) for v in cols.values()):
+    what = (f"a header ({', '.join(cols)}) but no data rows" if cols else "no rows")
+    raise DataError(f"{path} holds no examples: {what}. Fix: fill it, or point the config at the "
+                    "file that holds the data")
+  return cols
+
+
+def _read_table(path: pathlib.Path) -> dict[str, list]:
   fmt = table_format(path)
   if fmt in ("csv", "tsv"):
     names, rows = read_delimited(path, delimiter="," if fmt == "csv" else "\t", header=True,
@@ -163,6 +174,10 @@ def read_conll(path, *, encoding: str = "utf-8-sig") -> list[tuple[list[str], li
     tags.append(fields[-1])
   if words:
     sentences.append((words, tags))
+  if not sentences:
+    raise DataError(f"{path} holds no sentences (one 'word ... tag' per line, a blank line "
+                    "between sentences). Fix: fill it, or point the config at the file that "
+                    "holds the data")
   return sentences
 
 

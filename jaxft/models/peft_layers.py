@@ -21,6 +21,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+LORA_INITS = ("default", "pissa")
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftSpec:
   """Which PEFT parameters the model creates. Hashable: it lives in the (static) module config.
@@ -31,6 +34,10 @@ class PeftSpec:
   lora_targets: regex searched in the Dense module's '/'-joined path inside the model
     ("query|value" matches .../self/query; "intermediate" matches .../intermediate/dense;
     "output/dense" matches both the attention-output and the FFN-output projection of BERT).
+  rslora: scale alpha / sqrt(r) instead of alpha / r.
+  lora_init: "default" (A ~ U(+-1/sqrt(in)), B = 0, as Hugging Face PEFT) or "pissa" (Meng et al.
+    2024: A, B from the top-r singular triplets of the pretrained W, W replaced by the residual;
+    applied after the weights load, by `init_pissa`).
   dora: DoRA (Liu et al. 2024): W' = m * (W + s B A) / ||W + s B A||_col, m initialised to ||W||_col.
   ia3_targets: regex of Dense paths whose outputs (IA)^3 rescales by a learned vector l (init 1).
   adapter_size: bottleneck width of adapters; 0 disables them.
@@ -44,12 +51,17 @@ class PeftSpec:
   lora_dropout: float = 0.0
   lora_targets: str = "query|value"
   rslora: bool = False
+  lora_init: str = "default"
   dora: bool = False
   ia3_targets: str = ""
   adapter_size: int = 0
   adapter_kind: str = "houlsby"
   prefix_length: int = 0
   prompt_length: int = 0
+
+  def __post_init__(self):
+    if self.lora_init not in LORA_INITS:
+      raise ValueError(f"PeftSpec.lora_init={self.lora_init!r}; known: {', '.join(LORA_INITS)}")
 
   def lora_on(self, path: str) -> bool:
     return self.lora_rank > 0 and bool(re.search(self.lora_targets, path))
@@ -223,6 +235,39 @@ def init_dora(params, spec: PeftSpec):
       w = tree["kernel"].astype(jnp.float32) + lora_delta(tree, spec, prefix.rstrip("/"))
       m = tree["dora_m"]
       return {**tree, "dora_m": jnp.linalg.norm(w, axis=0).astype(m.dtype)}
+    return {k: rec(v, f"{prefix}{k}/") if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+  return rec(params, "")
+
+
+def init_pissa(params, spec: PeftSpec):
+  """PiSSA (Meng et al. 2024, "Principal Singular values and Singular vectors Adaptation"): for every
+  LoRA-carrying kernel W [in, out] = U S V^T (float32 SVD), with r = lora_rank and s = lora_scale,
+
+      A = U_r sqrt(S_r / s)  [in, r],   B = sqrt(S_r / s) V_r^T  [r, out],   W_res = W - s A B,
+
+  so s A B = U_r S_r V_r^T is W's best rank-r part (it trains) and W_res the rest (frozen), and the
+  layer x W_res + s (x A) B computes x W: the model starts at the pretrained function (up to float32
+  rounding). Like `init_dora`, it transforms pretrained weights, so whoever loads them calls it
+  afterwards (before `init_dora`, which then sets m = ||W_res + s A B||_c = ||W||_c). W_res depends
+  only on U_r S_r V_r^T, which does not change with the SVD's sign choices, so building the same
+  spec over the same checkpoint gives the same W_res (bitwise on one machine): that is what lets an
+  unmerged PEFT checkpoint (A, B only) load again. `jaxft.peft.merge` folds W_res + s A B back."""
+
+  def rec(tree, prefix):
+    if "lora_a" in tree:
+      path = prefix.rstrip("/")
+      w = tree["kernel"].astype(jnp.float32)
+      r = spec.lora_rank
+      if r > min(w.shape):
+        raise ValueError(f"{path}: PiSSA rank {r} exceeds the kernel's smallest side {w.shape}")
+      u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+      root = jnp.sqrt(sv[:r] / spec.lora_scale)
+      a = u[:, :r] * root[None, :]
+      b = root[:, None] * vt[:r]
+      res = w - spec.lora_scale * (a @ b)
+      return {**tree, "kernel": res.astype(tree["kernel"].dtype),
+              "lora_a": a.astype(tree["lora_a"].dtype), "lora_b": b.astype(tree["lora_b"].dtype)}
     return {k: rec(v, f"{prefix}{k}/") if isinstance(v, Mapping) else v for k, v in tree.items()}
 
   return rec(params, "")

@@ -9,6 +9,8 @@ PyTorch layout (+ tokenizer) that `transformers.AutoModelFor...from_pretrained` 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -30,7 +32,7 @@ from jaxft.models import hf as hfio
 from jaxft.models import registry
 from jaxft.models.layers import ArchConfig
 from jaxft.models.outputs import ModelOutput
-from jaxft.models.peft_layers import PeftSpec, init_dora
+from jaxft.models.peft_layers import PeftSpec, init_dora, init_pissa
 
 logger = logging.getLogger("jaxft.models")
 EXPORT_MARKER = "jaxft_export.json"
@@ -173,6 +175,21 @@ def _offline() -> bool:
              for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "JAXFT_OFFLINE"))
 
 
+_RESTORING = contextvars.ContextVar("jaxft_restoring", default=False)
+
+
+@contextlib.contextmanager
+def restoring():
+  """Within it, from_pretrained does not warn about head (or other) weights the checkpoint lacks
+  or re-initialises: the caller overwrites them from a run's own checkpoint (jaxft.train.restore).
+  They are still listed in `model.loading_info`."""
+  token = _RESTORING.set(True)
+  try:
+    yield
+  finally:
+    _RESTORING.reset(token)
+
+
 def resolve_dir(name_or_path) -> pathlib.Path:
   """Asset name, local directory, or hub id -> local HF model directory."""
   resolved = assets.resolve_model(str(name_or_path))
@@ -181,8 +198,8 @@ def resolve_dir(name_or_path) -> pathlib.Path:
     return p
   if p.exists():
     raise ValueError(f"{p} is a file; pass the model directory that holds config.json")
-  if str(resolved).startswith((".", "/", "~")) or str(resolved).count("/") > 1:
-    raise FileNotFoundError(f"model directory {p} does not exist")
+  # resolve_model refused a missing path that can only be local (no hub retries for it); what is
+  # left looks like a hub id.
   known = ", ".join(n for n, a in assets.ASSETS.items() if a.kind == "models")
   try:
     from huggingface_hub import snapshot_download
@@ -361,14 +378,19 @@ def from_pretrained(name_or_path, head: Optional[str] = None, num_labels: Option
     fresh = traverse_util.flatten_dict(jax.device_get(_init_params(module, family, seed)))
     flat = {k: fresh[k] if isinstance(v, jax.ShapeDtypeStruct) else v for k, v in flat.items()}
   cls_name = family.hf_class(head)
-  if info.mismatched:
+  if _RESTORING.get():
+    # The caller's checkpoint supplies these weights (jaxft eval / export of a run): a warning
+    # that they are "newly initialized" would be wrong.
+    logger.debug("%s: weights the run's checkpoint supplies: missing %s, mismatched %s", d,
+                 info.missing, [k for k, _, _ in info.mismatched])
+  elif info.mismatched:
     details = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in info.mismatched)
     msg = (f"{d}: the checkpoint's {ckpt_kind} head has a different number of labels than the "
            f"requested {module.head.num_labels}; re-initialising {details}. Train the head before "
            "using its outputs.")
     warnings.warn(msg, UserWarning, stacklevel=2)
     logger.warning(msg)
-  if info.missing:
+  if info.missing and not _RESTORING.get():
     logger.warning("Some weights of %s were not initialized from the model checkpoint at %s and "
                    "are newly initialized: %s", cls_name, d, info.missing)
   if info.unexpected:
@@ -378,6 +400,9 @@ def from_pretrained(name_or_path, head: Optional[str] = None, num_labels: Option
     logger.info("Parameters added by PEFT (freshly initialised): %s", info.added_by_peft)
   params = jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(flat))
   spec = module.cfg.peft
+  if spec.lora_init == "pissa" and spec.lora_rank > 0:
+    # PiSSA splits each loaded target kernel into its top-r part (A, B, trained) and the residual.
+    params = init_pissa(params, spec)
   if spec.dora and spec.lora_rank > 0:
     # DoRA's magnitude was initialised from random kernels; reset it to ||W0||_c of the loaded
     # weights so the model starts at the pretrained function.

@@ -11,6 +11,7 @@ see the trainable part.
     labels = peft.partition(config.peft, flat_params, num_layers)   # path -> trainable | frozen
     counts = peft.count(flat_params, labels)                        # trainable / total / percent
     merged = peft.merge(params, spec)                               # LoRA/DoRA/IA3 folded in
+    rate = peft.method_learning_rate(config.peft, "lora")           # peft.learning_rate or default
     peft.export(model, params, out_dir, merged=True)                # HF dir, or the small part
 """
 
@@ -18,19 +19,22 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from jaxft.peft.io import (Trainable, apply_trainable, export, load_trainable, model_spec,
-                           peft_part, save_trainable)
+from jaxft.peft.io import (Trainable, apply_trainable, export, load_adapter, load_trainable,
+                           model_spec, peft_part, save_trainable)
 from jaxft.models.peft_layers import PeftSpec
-from jaxft.peft.merge import init_dora, merge, peft_leaf_paths, unmergeable_paths
-from jaxft.peft.methods import METHODS, check_layers, parse_method, rules_for, spec_from_config
+from jaxft.peft.merge import init_dora, init_pissa, merge, peft_leaf_paths, unmergeable_paths
+from jaxft.peft.methods import (LORA_TARGETS, METHODS, check_layers, lora_targets,
+                                method_learning_rate, parse_method, rules_for, spec_from_config)
 from jaxft.peft.optim import masked_optimizer, optimizer_guard
 from jaxft.peft.rules import FROZEN, TRAINABLE, Rule, count, describe, label_params, split
 from jaxft.core.state import flatten
 
 __all__ = [
-    "FROZEN", "METHODS", "PeftSpec", "Rule", "TRAINABLE", "Trainable", "apply_trainable",
-    "count", "describe", "export", "init_dora", "label_params", "load_trainable",
-    "masked_optimizer", "merge", "model_spec", "optimizer_guard", "parse_method", "partition",
+    "FROZEN", "LORA_TARGETS", "METHODS", "PeftSpec", "Rule", "TRAINABLE", "Trainable",
+    "apply_trainable", "count", "describe", "export", "init_dora", "init_pissa", "label_params",
+    "load_adapter", "load_trainable", "lora_targets", "masked_optimizer", "merge",
+    "method_learning_rate",
+    "model_spec", "optimizer_guard", "parse_method", "partition",
     "peft_leaf_paths", "peft_part", "rules_for", "save_trainable", "spec_from_config", "split",
     "unmergeable_paths",
 ]

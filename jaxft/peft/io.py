@@ -7,8 +7,13 @@ A PEFT checkpoint is the small trained part plus a reference to the base checkpo
                                        "base_model": "<HF dir or hub id>", "spec": {PeftSpec fields},
                                        "params": {path: [shape]}, "num_params": n}
 
-To use it: build the base model with the saved spec (`from_pretrained(base_model, peft=spec)`), then
-`apply_trainable(model.params, trainable)`. `export(..., merged=True)` instead writes an ordinary
+`jaxft export --adapter-only` (jaxft.train.restore.export_workdir) writes every leaf the run
+trained (PEFT leaves, BitFit's biases, the head, ...) and adds to the record
+    "options": {config.peft as trained: method, ranks, targets, ...},
+    "model": {"head", "num_labels", "id2label", "pooling", "dtype"}   (what rebuilds the model)
+`load_adapter(out_dir)` rebuilds the model from them: the base model with the saved spec and head,
+the saved leaves put in (`from_pretrained(base_model, peft=spec, head=...)`, then
+`apply_trainable(model.params, trainable)`). `export(..., merged=True)` instead writes an ordinary
 Hugging Face directory with LoRA / DoRA / (IA)^3 folded into the weights.
 """
 
@@ -36,20 +41,25 @@ VERSION = 1
 
 
 class Trainable(NamedTuple):
-  """What `load_trainable` returns: flat params, the PeftSpec, the base model name, the method."""
+  """What `load_trainable` returns: flat params, the PeftSpec, the base model name, the method,
+  the run's peft options and the model record ({} when the checkpoint has none)."""
 
   trainable: dict
   spec: PeftSpec
   base_model: str
   method: str
+  options: dict = {}
+  model: dict = {}
 
 
-def save_trainable(out_dir, trainable, spec: PeftSpec, base_model: str, *, method: str = "") -> \
-    pathlib.Path:
+def save_trainable(out_dir, trainable, spec: PeftSpec, base_model: str, *, method: str = "",
+                   options: Mapping[str, Any] | None = None,
+                   model: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Writes the trainable leaves (flat '/'-keyed dict or nested tree) and the json record.
 
   base_model: what `from_pretrained` loads the frozen part from (a local HF dir, hub id or asset
-  name). Returns out_dir."""
+  name). options: the peft config the run trained with; model: `model_record(model)`, what
+  `load_adapter` rebuilds the model with. Returns out_dir."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   flat = dict(trainable) if is_flat(trainable) else flatten(trainable)
@@ -62,6 +72,10 @@ def save_trainable(out_dir, trainable, spec: PeftSpec, base_model: str, *, metho
             "spec": dataclasses.asdict(spec),
             "params": {k: list(v.shape) for k, v in sorted(arrays.items())},
             "num_params": int(sum(v.size for v in arrays.values()))}
+  if options is not None:
+    record["options"] = dict(options)
+  if model is not None:
+    record["model"] = dict(model)
   (out / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
   return out
 
@@ -89,7 +103,41 @@ def load_trainable(in_dir) -> Trainable:
     raise ValueError(f"{params_file} does not hold the parameters {cfg_file} lists")
   return Trainable(trainable={k: jnp.asarray(v) for k, v in arrays.items()},
                    spec=PeftSpec(**record["spec"]), base_model=record["base_model"],
-                   method=record["method"])
+                   method=record["method"], options=record.get("options", {}),
+                   model=record.get("model", {}))
+
+
+def model_record(model) -> dict:
+  """What rebuilds `model`'s head on its base checkpoint: head kind, label count and names,
+  pooling, compute dtype (json-ready)."""
+  head = model.head
+  labels = getattr(model.config, "id2label", None) if head is not None else None
+  return {"head": head, "num_labels": model.num_labels if head not in (None, "mlm") else None,
+          "id2label": {str(k): v for k, v in labels.items()} if labels else None,
+          "pooling": model.pooling, "dtype": jnp.dtype(model.module.cfg.dtype).name}
+
+
+def load_adapter(in_dir, base_model: str | None = None, **from_pretrained_kwargs):
+  """-> jaxft Model: the base model (`base_model`, default the recorded one) built with the saved
+  PeftSpec and head, every saved leaf put in: the model the adapter was exported from.
+
+  Needs a record with "model" (written by `jaxft export --adapter-only` or export(merged=False)).
+  from_pretrained_kwargs override the recorded model options (e.g. dtype, remat)."""
+  from jaxft.models import pretrained
+  t = load_trainable(in_dir)
+  if not t.model:
+    raise ValueError(f"{pathlib.Path(in_dir) / CONFIG_FILE} does not record the model's head "
+                     "(an older export): build the model yourself, from_pretrained(base_model, "
+                     "peft=spec, head=..., num_labels=...), then apply_trainable")
+  m = t.model
+  kwargs = dict(head=m.get("head"), num_labels=m.get("num_labels"),
+                id2label=({int(k): v for k, v in m["id2label"].items()} if m.get("id2label")
+                          else None),
+                pooling=m.get("pooling"), dtype=m.get("dtype") or "float32")
+  kwargs.update(from_pretrained_kwargs)
+  with pretrained.restoring():  # the adapter supplies the head: no "newly initialized" warning
+    model = pretrained.from_pretrained(base_model or t.base_model, peft=t.spec, **kwargs)
+  return model.with_params(apply_trainable(model.params, t.trainable))
 
 
 def apply_trainable(params, trainable: Mapping[str, Any]):
@@ -118,13 +166,16 @@ def peft_part(params, labels: Mapping[str, str] | None = None) -> dict:
 
 def export(model, params, out_dir, merged: bool = True, *, spec: PeftSpec | None = None,
            labels: Mapping[str, str] | None = None, method: str = "",
-           base_model: str | None = None) -> pathlib.Path:
+           base_model: str | None = None,
+           options: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Exports a PEFT-trained model.
 
   merged=True: LoRA / DoRA / (IA)^3 folded into the kernels (`merge`), written as an ordinary HF
   directory by `model.with_params(merged).save_pretrained(out_dir)` (adapters, prefixes and prompts
-  cannot merge: error). merged=False: only the trained part (`peft_part(params, labels)`) with the
-  spec and the base model name (`save_trainable`).
+  cannot merge: error). merged=False: only the trained part (`peft_part(params, labels)`: pass the
+  run's labels, else BitFit's biases and other trained pretrained leaves are left out) with the
+  spec, the base model name, `options` (the run's peft config) and `model_record(model)`
+  (`save_trainable`), which `load_adapter` reads back.
   spec: defaults to the spec the model was built with; base_model: to the model's source path.
   """
   spec = spec if spec is not None else model_spec(model)
@@ -133,7 +184,8 @@ def export(model, params, out_dir, merged: bool = True, *, spec: PeftSpec | None
     m.save_pretrained(out_dir)
     return pathlib.Path(out_dir)
   base = base_model if base_model is not None else _model_source(model)
-  return save_trainable(out_dir, peft_part(params, labels), spec, base, method=method)
+  return save_trainable(out_dir, peft_part(params, labels), spec, base, method=method,
+                        options=options, model=model_record(model))
 
 
 def model_spec(model) -> PeftSpec:

@@ -3,6 +3,6 @@
 This name stays for code written against it.
 """
 
-from jaxft.models.peft_layers import Adapter, Dense, PeftSpec, Prefix, Prompt, init_dora
+from jaxft.models.peft_layers import Adapter, Dense, PeftSpec, Prefix, Prompt, init_dora, init_pissa
 
-__all__ = ["Adapter", "Dense", "PeftSpec", "Prefix", "Prompt", "init_dora"]
+__all__ = ["Adapter", "Dense", "PeftSpec", "Prefix", "Prompt", "init_dora", "init_pissa"]

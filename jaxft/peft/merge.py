@@ -7,7 +7,9 @@ s = alpha / r (alpha / sqrt(r) with rsLoRA), the layer computes
     DoRA:    y = x (m * V / ||V||_c) + b,  V = W + s A B   m [out], ||V||_c = column norms [out]
     (IA)^3:  y = (x W' + b) * l                           l [out], W' the kernel above
 
-so each merges exactly into a plain Dense: W_merged = W' * l[None, :], b_merged = b * l. Adapters,
+so each merges exactly into a plain Dense: W_merged = W' * l[None, :], b_merged = b * l. With PiSSA
+(`init_pissa`, Meng et al. 2024) W is the residual W - s A0 B0 of the loaded kernel and the same
+fold gives the fine-tuned full kernel. Adapters,
 prefixes and prompts add computation a plain encoder does not have, so they cannot merge; export
 them unmerged (`jaxft.peft.export(..., merged=False)`).
 """
@@ -19,10 +21,10 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
-from jaxft.models.peft_layers import PeftSpec, init_dora, lora_delta
+from jaxft.models.peft_layers import PeftSpec, init_dora, init_pissa, lora_delta
 from jaxft.peft.rules import PEFT_LEAF
 
-__all__ = ["init_dora", "merge", "peft_leaf_paths", "unmergeable_paths"]
+__all__ = ["init_dora", "init_pissa", "merge", "peft_leaf_paths", "unmergeable_paths"]
 
 _FOLDABLE = ("lora_a", "lora_b", "dora_m", "ia3")
 _UNMERGEABLE = ("adapter_down", "adapter_up", "prefix_key", "prefix_value", "prompt")

@@ -107,7 +107,8 @@ def build(config, model, info, *, total_steps: int, teacher=None,
   tx, lr_schedule = make_optimizer(
       config.train, trainable, layers, total_steps,
       score_learning_rate=config.prune.score_learning_rate,
-      plateau_mode="min" if main_metric == "loss" else "max", clip=False, guarded=True)
+      plateau_mode="min" if main_metric == "loss" else "max", clip=False, guarded=True,
+      peft_cfg=config.peft)
   state = TrainState.create(trainable, frozen, tx, extras)
 
   apply_fn = model.apply

@@ -21,11 +21,14 @@ from jaxft.core.state import flatten
 
 
 def resolve_split(setup, split: str | None = None) -> str:
-  """The eval split to score: `split`, or the first of data.eval_split; KeyError if the task
-  lacks it."""
+  """The eval split to score: `split`, or the first of data.eval_split; KeyError if the setup's
+  data did not build it (jaxft.train.restore.load_workdir(eval_splits=...) builds any split the
+  task has; a split the task lacks fails there, naming the task's splits)."""
   split = split or str(setup.config.data.eval_split).split(",")[0].strip()
   if split not in setup.data.eval:
-    raise KeyError(f"no eval split {split!r}; the task has {sorted(setup.data.eval)}")
+    raise KeyError(f"eval split {split!r} was not built; this setup's data has "
+                   f"{sorted(setup.data.eval)}. Fix: build the setup with data.eval_split "
+                   f"naming {split!r} (load_workdir(..., eval_splits=[{split!r}]) does)")
   return split
 
 

@@ -1,8 +1,10 @@
 """train_and_evaluate: config -> data -> batches -> jitted step -> metrics -> writers / checkpoints.
 
 One function a notebook can call; `jaxft train` is a thin wrapper. Its stages, in order:
-  1. workdir check (a different experiment there is refused unless overwrite=True),
-  2. tokenizer + data (all input validation happens here, before any model or compile),
+  1. workdir check (a different experiment there is refused unless overwrite=True); nothing is
+     written yet, so a start that fails validation leaves no trace that blocks the fixed command,
+  2. tokenizer + data (all input validation happens here, before any model or compile); then
+     the workdir records the run (config.json; another experiment moved aside on overwrite),
   3. model, PEFT partition, optimizer, objective -> TrainState on the mesh, step jitted once,
   4. resume from the newest good checkpoint (state + data iterator position),
   5. the loop: batch_at(step) -> step -> log / eval / checkpoint / early stopping,
@@ -24,6 +26,7 @@ from jaxft import config as config_lib
 from jaxft.objectives.base import global_norm
 from jaxft.train import checkpoint as ckpt_lib
 from jaxft.train import mesh as mesh_lib
+from jaxft.train import optim as optim_lib
 from jaxft.train.evaluate import Evaluator
 from jaxft.train.setup import Setup, build_setup, train_key
 from jaxft.train.writers import MetricWriter, Progress
@@ -52,47 +55,87 @@ def _flat_config(config) -> dict:
   return out
 
 
-def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
-  """Creates the workdir or checks it holds this experiment. Returns True if it can resume.
+def check_workdir(workdir: pathlib.Path, config, overwrite: bool) -> str:
+  """What recording `config` in `workdir` will do, without touching it: "resume" (it holds this
+  experiment), "new" (absent or empty) or "replace" (overwrite=True over another experiment or
+  a non-jaxft directory). A different experiment without overwrite raises FileExistsError.
 
-  A workdir with another experiment's config is refused; with overwrite=True it is moved aside to
-  <workdir>.old-<timestamp> (never deleted), and a fresh one is made.
+  A config.json alone (no metrics, no checkpoints) is a start that never ran, e.g. one written
+  by jaxft before inputs were validated first: it is moved aside ("replace") without --overwrite.
   """
   saved = workdir / "config.json"
+  others = [p for p in workdir.iterdir() if p.name != "config.json"] if workdir.is_dir() else []
   if saved.exists():
     old = _flat_config(json.loads(saved.read_text()))
     new = _flat_config(config)
     diff = sorted(k for k in set(old) | set(new)
                   if old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS)
     if not diff:
-      return True
+      return "resume"
+    if not others:
+      log.warning("workdir %s holds only the config.json of a start that never ran; it moves "
+                  "aside once this run's inputs validate", workdir)
+      return "replace"
     if not overwrite:
       shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
       raise FileExistsError(
           f"workdir {workdir} holds a different experiment ({shown}{' ...' if len(diff) > 6 else ''})."
           " Use another --workdir, or pass --overwrite to move the old one aside and start fresh.")
-    _move_aside(workdir)
-  elif workdir.exists() and any(workdir.iterdir()) and not overwrite:
+    return "replace"
+  if not others:
+    return "new"
+  if not overwrite:
     raise FileExistsError(f"workdir {workdir} exists and is not a jaxft workdir (no config.json); "
                           "use an empty or new directory, or --overwrite to move it aside")
-  elif workdir.exists() and any(workdir.iterdir()):
+  return "replace"
+
+
+def record_workdir(workdir: pathlib.Path, config, plan: str) -> None:
+  """Carries out check_workdir's plan once the run's inputs validated: moves a replaced workdir
+  aside to <workdir>.old-<timestamp> (never deleted) and writes config.json."""
+  if plan == "resume":
+    return
+  if plan == "replace":
     _move_aside(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_lib.to_json(config))
-  return False
 
 
-def _prepare_workdir_once(workdir: pathlib.Path, config, overwrite: bool) -> bool:
-  """prepare_workdir on process 0 only (two processes moving one workdir aside, or one reading
-  the config.json another is writing, would collide); the others learn its answer."""
+def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
+  """check_workdir + record_workdir at once (for callers that validated their inputs already).
+  Returns True if the workdir holds this experiment (it can resume).
+
+  A workdir with another experiment's config is refused; with overwrite=True it is moved aside to
+  <workdir>.old-<timestamp> (never deleted), and a fresh one is made.
+  """
+  plan = check_workdir(workdir, config, overwrite)
+  record_workdir(workdir, config, plan)
+  return plan == "resume"
+
+
+def _prepare_workdir_once(workdir: pathlib.Path, config, overwrite: bool, plan: str | None = None):
+  """On process 0 only (two processes moving one workdir aside, or one reading the config.json
+  another is writing, would collide); the others learn its answer.
+
+  plan=None: check_workdir -> its plan ("resume" | "new" | "replace"), nothing written.
+  plan given: record_workdir(plan), then every process waits for it -> None.
+  """
   if jax.process_count() == 1:
-    return prepare_workdir(workdir, config, overwrite)
+    if plan is None:
+      return check_workdir(workdir, config, overwrite)
+    return record_workdir(workdir, config, plan)
   import numpy as np
   from jax.experimental import multihost_utils
+  if plan is not None:
+    if jax.process_index() == 0:
+      record_workdir(workdir, config, plan)
+    multihost_utils.sync_global_devices(f"jaxft record_workdir {workdir}")
+    return None
+  plans = ("resume", "new", "replace")
   flag, error = 0, None
   if jax.process_index() == 0:
     try:
-      flag = int(prepare_workdir(workdir, config, overwrite))
+      flag = plans.index(check_workdir(workdir, config, overwrite))
     except FileExistsError as e:
       flag, error = -1, e
   flag = int(multihost_utils.broadcast_one_to_all(np.int32(flag)))
@@ -100,7 +143,7 @@ def _prepare_workdir_once(workdir: pathlib.Path, config, overwrite: bool) -> boo
     raise error
   if flag < 0:
     raise FileExistsError(f"workdir {workdir} was refused by process 0 (see its log)")
-  return bool(flag)
+  return plans[flag]
 
 
 def _move_aside(workdir: pathlib.Path) -> pathlib.Path:
@@ -154,9 +197,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
   the same step builder).
   """
   workdir = pathlib.Path(workdir)
-  can_resume = _prepare_workdir_once(workdir, config, overwrite)
+  plan = _prepare_workdir_once(workdir, config, overwrite)  # refuses, writes nothing
   t_start = time.time()
-  s: Setup = (setup_fn or build_setup)(config, devices=devices)
+  s: Setup = (setup_fn or build_setup)(config, devices=devices)  # validates every input
+  _prepare_workdir_once(workdir, config, overwrite, plan)  # only now is the run recorded
+  can_resume = plan == "resume"
   writer = MetricWriter(workdir)
   writer.write("info", 0, {"trainable_params": s.counts["trainable_params"],
                           "total_params": s.counts["total_params"],
@@ -305,6 +350,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, overwrite: bool =
       "data": {k: v for k, v in s.data.stats.items() if isinstance(v, (int, float, str))},
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "eval_with": config.train.eval_with,
+      "learning_rates": optim_lib.learning_rates(
+          config.train, config.peft, s.state.trainable,
+          score_learning_rate=config.prune.score_learning_rate),
       "compilations": s.trace_count[0],  # traces of the train step: at most one per bucket shape
       "last_train": last_train,
   }

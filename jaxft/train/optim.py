@@ -5,10 +5,26 @@ norm clipping, warmup then linear / cosine / constant / cosine-with-restarts dec
 learning-rate decay (Clark et al. 2020: layer l of L gets lr * decay^(L + 1 - l), embeddings l = 0,
 the head L + 1) and an optional separate head learning rate. The optimizer sees the flat
 `trainable` dict, so frozen parameters have no optimizer state at all.
+
+Learning-rate groups (`learning_rates`): each trainable leaf trains at the peak rate of its group,
+one schedule shape for all, as a per-leaf multiplier of the schedule's peak:
+
+  train         pretrained weights trained by full / freeze_bottom    train.learning_rate
+  <method>      leaves a PEFT method adds or picks (LoRA A and B,     peft.learning_rate, or the
+                biases for bitfit, adapters, ...)                     method's default
+  <method>/lora_b   LoRA+ (Hayou et al. 2024): B of LoRA / DoRA       ratio x the method's rate
+  head          the task head                                         train.head_learning_rate, or
+                                                                      the PEFT rate of a PEFT run,
+                                                                      or train.learning_rate
+  prune_scores  movement-pruning scores                               prune.score_learning_rate
+
+The schedule's peak (the logged `lr`) is train.learning_rate, except in runs where only PEFT
+methods train the backbone, where it is the first method's PEFT rate.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import jax
@@ -16,6 +32,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxft.core.state import Flat
+from jaxft.peft.methods import leaf_methods, main_learning_rate, method_learning_rate, parse_method
+
+log = logging.getLogger("jaxft")
 
 _NO_DECAY = re.compile(r"(^|/)(bias|scale|LayerNorm|layer_norm|layernorm|ln_?\w*)(/|$)|"
                        r"(LayerNorm|layer_norm|layernorm|_ln|norm)[^/]*/(scale|bias)$")
@@ -41,9 +60,10 @@ def layer_depth(path: str, num_layers: int) -> int:
   return num_layers + 1
 
 
-def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
-  """Warmup (train.warmup_ratio of the steps, linear from 0) then the chosen decay to 0."""
-  lr = train_cfg.learning_rate
+def make_schedule(train_cfg, total_steps: int, peak: float | None = None) -> optax.Schedule:
+  """Warmup (train.warmup_ratio of the steps, linear from 0) then the chosen decay to 0; the peak
+  is train.learning_rate unless given."""
+  lr = train_cfg.learning_rate if peak is None else peak
   warmup = int(round(train_cfg.warmup_ratio * total_steps))
   rest = max(total_steps - warmup, 1)
   kind = train_cfg.schedule
@@ -66,15 +86,118 @@ def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def lr_multipliers(trainable: Flat, train_cfg, num_layers: int) -> Flat:
-  """Per-leaf learning-rate multipliers from layer-wise decay and the head learning rate."""
+def lr_multipliers(trainable: Flat, train_cfg, num_layers: int, rates: Flat | None = None,
+                   peak: float | None = None) -> Flat:
+  """Per-leaf learning-rate multipliers of the schedule's peak: layer-wise decay times the leaf's
+  group rate / peak (`rates`: path -> peak rate, from `leaf_learning_rates`; default: the head
+  learning rate for the head, train.learning_rate for the rest). An explicit head learning rate
+  is not layer-decayed."""
+  peak = train_cfg.learning_rate if peak is None else peak
   mults = {}
   for path in trainable:
     m = train_cfg.layer_decay ** (num_layers + 1 - layer_depth(path, num_layers))
     if path.startswith("head/") and train_cfg.head_learning_rate > 0:
-      m = train_cfg.head_learning_rate / train_cfg.learning_rate
+      m = train_cfg.head_learning_rate / peak
+    elif rates is not None and rates[path] != peak:
+      m = m * (rates[path] / peak)
     mults[path] = m
   return mults
+
+
+def leaf_groups(peft_cfg, paths) -> dict[str, str]:
+  """path -> learning-rate group (module docstring): train / head / prune_scores / a PEFT method's
+  name / "<method>/lora_b" under LoRA+. peft_cfg None: no PEFT groups (every backbone leaf trains
+  at train.learning_rate)."""
+  owners = leaf_methods(peft_cfg, paths) if peft_cfg is not None else {}
+  plus = peft_cfg is not None and peft_cfg.lora_plus_ratio not in (0, 1)
+  groups = {}
+  for p in paths:
+    method = owners.get(p)
+    if p.startswith("head/"):
+      groups[p] = "head"
+    elif p.startswith(SCORES):
+      groups[p] = "prune_scores"
+    elif method is None:
+      groups[p] = "train"
+    elif plus and p.endswith("/lora_b"):
+      groups[p] = f"{method}/lora_b"
+    else:
+      groups[p] = method
+  return groups
+
+
+def _group_rate(group: str, train_cfg, peft_cfg, score_learning_rate: float) -> float:
+  if group == "train":
+    return float(train_cfg.learning_rate)
+  if group == "prune_scores":
+    return float(score_learning_rate or train_cfg.learning_rate)
+  if group == "head":
+    if train_cfg.head_learning_rate > 0:
+      return float(train_cfg.head_learning_rate)
+    main = main_learning_rate(peft_cfg) if peft_cfg is not None else None
+    return float(train_cfg.learning_rate if main is None else main)
+  method, _, leaf = group.partition("/")
+  rate = method_learning_rate(peft_cfg, method)
+  if leaf == "lora_b":
+    ratio = float(peft_cfg.lora_plus_ratio)
+    if ratio < 0:
+      raise ValueError(f"peft.lora_plus_ratio={ratio} must be >= 0 (0 or 1 = LoRA+ off)")
+    rate *= ratio
+  return float(rate)
+
+
+def schedule_peak(train_cfg, peft_cfg) -> float:
+  """The schedule's peak (what the step logs as `lr`): train.learning_rate, or in a run where only
+  PEFT methods train the backbone the first method's rate (jaxft.peft.methods.main_learning_rate)."""
+  main = main_learning_rate(peft_cfg) if peft_cfg is not None else None
+  return float(train_cfg.learning_rate if main is None else main)
+
+
+def leaf_learning_rates(train_cfg, peft_cfg, paths, score_learning_rate: float = 0.0):
+  """-> (path -> peak rate before layer decay, path -> group)."""
+  groups = leaf_groups(peft_cfg, paths)
+  rates = {g: _group_rate(g, train_cfg, peft_cfg, score_learning_rate)
+           for g in set(groups.values())}
+  return {p: rates[g] for p, g in groups.items()}, groups
+
+
+def learning_rates(train_cfg, peft_cfg, trainable, *, score_learning_rate: float = 0.0) -> dict:
+  """{group: peak learning rate} of the groups the trainable leaves (flat dict or paths) fall in,
+  before layer decay (module docstring), e.g. {"head": 1e-3, "lora": 1e-3} for the quickstart with
+  peft.method=lora. What results.json and the start-of-run log line report."""
+  rates, groups = leaf_learning_rates(train_cfg, peft_cfg, list(trainable), score_learning_rate)
+  out = {}
+  for p, g in sorted(groups.items(), key=lambda kv: kv[1]):
+    out[g] = rates[p]
+  return out
+
+
+def describe_learning_rates(train_cfg, peft_cfg, trainable, *,
+                            score_learning_rate: float = 0.0) -> str:
+  """One line: each group's peak rate and where it comes from."""
+  parts = []
+  for g, r in learning_rates(train_cfg, peft_cfg, trainable,
+                             score_learning_rate=score_learning_rate).items():
+    method = g.partition("/")[0]
+    if g == "train":
+      src = "train.learning_rate"
+    elif g == "head":
+      src = ("train.head_learning_rate" if train_cfg.head_learning_rate > 0 else
+             "the PEFT rate" if peft_cfg is not None and main_learning_rate(peft_cfg) is not None
+             else "train.learning_rate")
+    elif g == "prune_scores":
+      src = "prune.score_learning_rate"
+    elif peft_cfg is not None and method in parse_method(peft_cfg.method):
+      src = ("peft.learning_rate" if peft_cfg.learning_rate > 0 else
+             f"default of {method}, jaxft.peft.methods")
+      if g.endswith("/lora_b"):
+        src += f", x peft.lora_plus_ratio={peft_cfg.lora_plus_ratio:g} (LoRA+)"
+    else:
+      src = "?"
+    parts.append(f"{g} {r:.3g} ({src})")
+  decay = (f"; layer_decay {train_cfg.layer_decay:g} on top" if train_cfg.layer_decay != 1.0
+           else "")
+  return "learning rates (peak): " + ", ".join(parts) + decay
 
 
 def scale_by_multipliers(mults: Flat) -> optax.GradientTransformation:
@@ -147,8 +270,13 @@ def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float, ma
 
 def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int, *,
                    score_learning_rate: float = 0.0, plateau_mode: str = "max",
-                   clip: bool = True, guarded: bool = False):
+                   clip: bool = True, guarded: bool = False, peft_cfg=None):
   """-> (tx, schedule) for the flat trainable dict.
+
+  peft_cfg (config.peft): PEFT leaves train at their method's rate, LoRA+ gives B its own, and a
+  PEFT run's head and schedule peak follow the PEFT rate (module docstring; `learning_rates`
+  reports the groups and make_optimizer logs them). None: every leaf but the head and the pruning
+  scores trains at train.learning_rate.
 
   Movement-pruning scores ("prune_scores/...") get their own learning rate (score_learning_rate,
   following the same warmup/decay shape) and no weight decay, as in Sanh et al. 2020.
@@ -157,7 +285,12 @@ def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int
   norm it computes anyway (jaxft.objectives.base.make_step's grad_clip). guarded=True: AdamW
   takes the step's skip decision (`adamw`), for make_step(..., guard_in_optimizer=True).
   """
-  schedule = make_schedule(train_cfg, total_steps)
+  peak = schedule_peak(train_cfg, peft_cfg) if peft_cfg is not None else train_cfg.learning_rate
+  schedule = make_schedule(train_cfg, total_steps, peak)
+  rates, _ = leaf_learning_rates(train_cfg, peft_cfg, list(trainable), score_learning_rate)
+  if peft_cfg is not None:
+    log.info(describe_learning_rates(train_cfg, peft_cfg, trainable,
+                                     score_learning_rate=score_learning_rate))
   decay_mask = {k: decays(k) and not k.startswith(SCORES) for k in trainable}
   parts = []
   if clip and train_cfg.grad_clip > 0:
@@ -165,10 +298,9 @@ def make_optimizer(train_cfg, trainable: Flat, num_layers: int, total_steps: int
   parts.append(adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
                      eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay,
                      mask=decay_mask, guarded=guarded))
-  mults = lr_multipliers(trainable, train_cfg, num_layers)
+  mults = lr_multipliers(trainable, train_cfg, num_layers, rates, peak)
   if score_learning_rate > 0:
-    mults.update({k: score_learning_rate / train_cfg.learning_rate for k in trainable
-                  if k.startswith(SCORES)})
+    mults.update({k: score_learning_rate / peak for k in trainable if k.startswith(SCORES)})
   if any(m != 1.0 for m in mults.values()):
     parts.append(scale_by_multipliers(mults))
   if train_cfg.schedule == "plateau":

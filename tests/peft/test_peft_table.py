@@ -32,6 +32,12 @@ def test_grid_cells_load_and_paper_cells_exist():
     peft.spec_from_config(c.peft)  # every method's fields are valid
   assert load("adapter_h24:rte").peft.adapter_size == 24
   assert load("full:mrpc").train.learning_rate == 1e-4
+  # PEFT rows set peft.learning_rate (train.learning_rate would not reach the PEFT leaves)
+  lora = load("lora:mr")
+  assert lora.peft.learning_rate == 5e-4
+  from jaxft.train.optim import learning_rates
+  assert learning_rates(lora.train, lora.peft, ["head/classifier/kernel", "x/query/lora_b"]) == {
+      "head": 5e-4, "lora": 5e-4}
   with pytest.raises(ValueError, match="unknown method 'lorra'"):
     load("lorra:sst2")
 

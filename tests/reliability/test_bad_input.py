@@ -179,3 +179,38 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, tiny_model, capsys, monke
 def test_debug_shows_the_traceback_of_bad_input(tmp_path, tiny_model, capsys, no_compile):
   with pytest.raises(ValueError, match="rng_impl"):
     train(capsys, tmp_path / "run", tiny_model, "--debug", "--config.train.rng_impl=philox")
+
+
+@pytest.mark.parametrize("name", ["{tmp}/no-such-model", "./no-such-model", "../no-such-model",
+                                  "tests/no-such-model"], ids=["absolute", "dot", "dotdot",
+                                                               "under-a-local-dir"])
+def test_missing_model_directory_is_not_tried_on_the_hub(tmp_path, tiny_model, capsys,
+                                                         no_compile, name):
+  import time
+  t0 = time.time()
+  code, err = train(capsys, tmp_path / "run", tiny_model, model__name=name.format(tmp=tmp_path))
+  assert code == 2
+  line = error_line(err)
+  assert "no such model directory" in line and "Fix: point model.name at a Hugging Face" in line
+  assert time.time() - t0 < 20  # no hub retries (about 50 s of them before)
+  assert not (tmp_path / "run").exists()
+
+
+def test_what_looks_like_a_path_and_what_stays_a_hub_id():
+  from jaxft.assets import looks_like_path
+  assert not any(map(looks_like_path, ["org/name", "bert-base-uncased", "minilm-l6"]))
+  assert all(map(looks_like_path, ["/abs/model", "./m", "../m", "~/m", "a/b/c", "m/", "tests/m"]))
+
+
+@pytest.mark.parametrize("contents, message", [
+    ("text,label\n", "train.csv holds no examples: a header (text, label) but no data rows"),
+    ("", "train.csv is empty; expected a header row"),
+], ids=["header-only", "empty"])
+def test_train_file_without_rows_is_named(tmp_path, tiny_model, capsys, no_compile, contents,
+                                          message):
+  files = local(tmp_path, GOOD_ROWS)
+  (tmp_path / "train.csv").write_text(contents)
+  code, err = train(capsys, tmp_path / "run", tiny_model, **files)
+  assert code == 2
+  line = error_line(err)
+  assert message in line and "validation.csv" not in line
