@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxft.config import base_config
 from jaxft.models.peft_layers import Adapter, Dense, PeftSpec, Prefix, Prompt
 
 VOCAB, HIDDEN, HEADS, FFN, LAYERS, LABELS = 50, 12, 3, 20, 2, 3
@@ -118,3 +119,12 @@ def toy_init(spec=PeftSpec(), seed=0):
 
 def toy_logits(model, params, batch):
   return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+
+def peft_cfg(method, **kw):
+  """base_config().peft with `method` and the given options set."""
+  c = base_config().peft
+  c.method = method
+  for k, v in kw.items():
+    c[k] = v
+  return c

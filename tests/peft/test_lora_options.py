@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from peft_toy import peft_cfg
 from jaxft import peft
 from jaxft.config import base_config
 from jaxft.core.state import flatten, unflatten
@@ -40,12 +41,6 @@ EXPECTED = {"qv": Q_V, "attention": {f: Q_V[f] + K_O[f] for f in Q_V},
             "all-linear": {f: Q_V[f] + K_O[f] + FFN[f] for f in Q_V}}
 
 
-def cfg(method, **kw):
-  c = base_config().peft
-  c.method = method
-  for k, v in kw.items():
-    c[k] = v
-  return c
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,7 @@ def family_models():
 
 @pytest.mark.parametrize("preset", list(EXPECTED))
 def test_lora_target_presets_resolve_to_the_right_leaves_per_family(family_models, preset):
-  c = cfg("lora", lora_rank=2, lora_targets=preset)
+  c = peft_cfg("lora", lora_rank=2, lora_targets=preset)
   spec = peft.spec_from_config(c)
   assert spec.lora_targets == peft.LORA_TARGETS[preset]
   for family, base in family_models.items():
@@ -74,7 +69,7 @@ def test_lora_target_presets_resolve_to_the_right_leaves_per_family(family_model
 
 
 def test_regex_targets_still_accepted_and_preset_names_are_case_insensitive():
-  assert peft.spec_from_config(cfg("lora", lora_targets="intermediate")).lora_targets == \
+  assert peft.spec_from_config(peft_cfg("lora", lora_targets="intermediate")).lora_targets == \
       "intermediate"
   assert peft.lora_targets("All-Linear") == peft.LORA_TARGETS["all-linear"]
   assert base_config().peft.lora_targets == "qv"
@@ -120,7 +115,7 @@ PISSA = dict(lora_rank=3, lora_init="pissa", lora_targets="all-linear")
 @pytest.mark.parametrize("method,extra", [("lora", {}), ("lora", {"rslora": True}),
                                           ("dora", {})])
 def test_pissa_starts_at_the_pretrained_function(base_dir, method, extra):
-  c = cfg(method, **PISSA, **extra)
+  c = peft_cfg(method, **PISSA, **extra)
   plain, adapted = load(base_dir, None), load(base_dir, c)
   np.testing.assert_allclose(logits(adapted), logits(plain), atol=1e-5, rtol=0)
   spec, flat, flat0 = peft.spec_from_config(c), flatten(adapted.params), flatten(plain.params)
@@ -155,7 +150,7 @@ def trained(model, seed=3):
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_pissa_merges_and_exports_back(base_dir, tmp_path, method):
-  c = cfg(method, **PISSA)
+  c = peft_cfg(method, **PISSA)
   model = trained(load(base_dir, c))
   plain = load(base_dir, None)
   adapted_logits = logits(model)
@@ -180,6 +175,6 @@ def test_pissa_merges_and_exports_back(base_dir, tmp_path, method):
 
 def test_pissa_rank_larger_than_the_kernel_fails_clearly(base_dir):
   with pytest.raises(ValueError, match="PiSSA rank 40 exceeds"):
-    load(base_dir, cfg("lora", lora_rank=40, lora_init="pissa"))
+    load(base_dir, peft_cfg("lora", lora_rank=40, lora_init="pissa"))
   with pytest.raises(ValueError, match="peft.lora_init='svd'"):
-    peft.spec_from_config(cfg("lora", lora_init="svd"))
+    peft.spec_from_config(peft_cfg("lora", lora_init="svd"))

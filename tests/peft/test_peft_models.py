@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from peft_toy import peft_cfg
 from jaxft import peft
 from jaxft.config import base_config
 from jaxft.models import from_pretrained, init_random
@@ -28,12 +29,6 @@ HF = dict(model_type="bert", vocab_size=V, hidden_size=H, num_hidden_layers=L,
 HEAD = H * C + C  # classifier kernel + bias
 
 
-def cfg(method, **kw):
-  c = base_config().peft
-  c.method = method
-  for k, v in kw.items():
-    c[k] = v
-  return c
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +133,7 @@ CASES = {
 def test_trainable_counts_match_closed_form(base, name):
   kw, expected = CASES[name]
   method = "lora" if name == "lora_intermediate" else name
-  c = cfg(method, **kw)
+  c = peft_cfg(method, **kw)
   flat = shapes(base, c)
   counts = peft.count(flat, peft.partition(c, flat, L))
   base_flat = flatten(base.params)
@@ -182,7 +177,7 @@ def check_frozen_and_moments(labels, state, frozen0, trainable0):
 
 @pytest.mark.slow
 def test_lora_step_reduces_loss_and_leaves_frozen_bitwise(base):
-  c = cfg("lora", lora_rank=4)
+  c = peft_cfg("lora", lora_rank=4)
   labels, state, frozen0, trainable0, losses = train(build(base, c), c, steps=12, lr=3e-2)
   check_frozen_and_moments(labels, state, frozen0, trainable0)
   assert losses[-1] < 0.8 * losses[0], losses  # 1.10 -> 0.76 measured (dropout on)
@@ -194,7 +189,7 @@ def test_lora_step_reduces_loss_and_leaves_frozen_bitwise(base):
 
 @pytest.mark.slow
 def test_every_peft_leaf_kind_trains_and_frozen_stay_bitwise(base):
-  c = cfg("dora+bitfit+adapter_houlsby+ia3+prefix+prompt", lora_rank=2, adapter_size=3,
+  c = peft_cfg("dora+bitfit+adapter_houlsby+ia3+prefix+prompt", lora_rank=2, adapter_size=3,
           prefix_length=2, prompt_length=2)
   labels, state, frozen0, trainable0, losses = train(build(base, c), c, steps=2)
   check_frozen_and_moments(labels, state, frozen0, trainable0)
@@ -207,7 +202,7 @@ def test_every_peft_leaf_kind_trains_and_frozen_stay_bitwise(base):
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_merged_and_unmerged_logits_agree(base, method):
-  c = cfg(method, lora_rank=3, rslora=method == "dora")
+  c = peft_cfg(method, lora_rank=3, rslora=method == "dora")
   m = random_peft(base, c)
   merged = peft.merge(m.params, peft.spec_from_config(c))
   assert not peft.peft_leaf_paths(flatten(merged))
@@ -222,7 +217,7 @@ def test_merged_and_unmerged_logits_agree(base, method):
 
 def test_merge_refuses_adapters_prefix_prompt(base):
   for method in ("adapter_houlsby", "prefix", "prompt"):
-    c = cfg(method, adapter_size=3, prefix_length=2, prompt_length=2)
+    c = peft_cfg(method, adapter_size=3, prefix_length=2, prompt_length=2)
     with pytest.raises(ValueError, match=r"cannot merge .*merged=False"):
       peft.merge(random_peft(base, c).params, peft.spec_from_config(c))
 
@@ -230,7 +225,7 @@ def test_merge_refuses_adapters_prefix_prompt(base):
 def test_hooks_start_at_the_pretrained_function(base, base_dir):
   """DoRA (m = ||W0||_c after init_dora, B = 0), (IA)^3 (l = 1) and adapters (W_up = 0) leave a
   loaded checkpoint's logits unchanged."""
-  c = cfg("dora+ia3+adapter_houlsby", lora_rank=2, adapter_size=3)
+  c = peft_cfg("dora+ia3+adapter_houlsby", lora_rank=2, adapter_size=3)
   spec = peft.spec_from_config(c)
   m = from_pretrained(base_dir, head="sequence_classification", num_labels=C, peft=spec)
   params = peft.init_dora(m.params, spec)
@@ -240,7 +235,7 @@ def test_hooks_start_at_the_pretrained_function(base, base_dir):
 # ---- checkpoints and export ---------------------------------------------------------------------
 
 def test_export_unmerged_and_reload_from_the_base(base, base_dir, tmp_path):
-  c = cfg("lora+bitfit", lora_rank=2)
+  c = peft_cfg("lora+bitfit", lora_rank=2)
   spec = peft.spec_from_config(c)
   m = from_pretrained(base_dir, head="sequence_classification", num_labels=C, peft=spec)
   flat = flatten(m.params)
@@ -258,11 +253,11 @@ def test_export_unmerged_and_reload_from_the_base(base, base_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(flatten(restored)[k]), np.asarray(v), err_msg=k)
   np.testing.assert_array_equal(logits(m, restored), logits(m, trained))
   with pytest.raises(ValueError, match="has shape"):
-    peft.apply_trainable(random_peft(base, cfg("lora", lora_rank=3)).params, loaded.trainable)
+    peft.apply_trainable(random_peft(base, peft_cfg("lora", lora_rank=3)).params, loaded.trainable)
 
 
 def test_export_merged_is_a_plain_hf_checkpoint(base, tmp_path):
-  c = cfg("dora+ia3", lora_rank=2)
+  c = peft_cfg("dora+ia3", lora_rank=2)
   m = random_peft(base, c)
   with pytest.raises(ValueError, match="PEFT parameters"):
     m.save_pretrained(tmp_path / "refused")

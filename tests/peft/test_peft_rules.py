@@ -9,23 +9,17 @@ import numpy as np
 import optax
 import pytest
 
-from peft_toy import LAYERS, toy_init
+from peft_toy import LAYERS, toy_init, peft_cfg
 from jaxft import peft
 from jaxft.config import base_config
 from jaxft.peft.rules import Rule
 from jaxft.core.state import TrainState, flatten, unflatten
 
 
-def cfg(method, **kw):
-  c = base_config().peft
-  c.method = method
-  for k, v in kw.items():
-    c[k] = v
-  return c
 
 
 def flat_for(method, **kw):
-  c = cfg(method, **kw)
+  c = peft_cfg(method, **kw)
   _, params = toy_init(peft.spec_from_config(c))
   return c, flatten(params)
 
@@ -88,29 +82,29 @@ def test_bad_rules_fail_at_construction():
 
 def test_unknown_method_lists_known_and_closest():
   with pytest.raises(ValueError) as e:
-    peft.spec_from_config(cfg("lora+bitfti"))
+    peft.spec_from_config(peft_cfg("lora+bitfti"))
   msg = str(e.value)
   assert "unknown PEFT method 'bitfti'" in msg and "Did you mean 'bitfit'?" in msg
   for name in ("full", "linear_probe", "freeze_bottom", "adapter_houlsby", "ia3", "prompt"):
     assert name in msg
   with pytest.raises(ValueError, match="lora and dora cannot be combined"):
-    peft.spec_from_config(cfg("lora+dora"))
+    peft.spec_from_config(peft_cfg("lora+dora"))
   with pytest.raises(ValueError, match="needs peft.lora_rank > 0"):
-    peft.spec_from_config(cfg("lora", lora_rank=0))
+    peft.spec_from_config(peft_cfg("lora", lora_rank=0))
   with pytest.raises(ValueError, match="not a valid regex"):
-    peft.spec_from_config(cfg("lora", lora_targets="query|("))
+    peft.spec_from_config(peft_cfg("lora", lora_targets="query|("))
 
 
 def test_spec_from_config_sets_exactly_the_method_fields():
   base = peft.PeftSpec()
-  assert peft.spec_from_config(cfg("full")) == base
-  assert peft.spec_from_config(cfg("bitfit")) == base
-  lora = peft.spec_from_config(cfg("lora", lora_rank=4, lora_alpha=8.0, rslora=True))
+  assert peft.spec_from_config(peft_cfg("full")) == base
+  assert peft.spec_from_config(peft_cfg("bitfit")) == base
+  lora = peft.spec_from_config(peft_cfg("lora", lora_rank=4, lora_alpha=8.0, rslora=True))
   assert (lora.lora_rank, lora.lora_alpha, lora.rslora, lora.dora) == (4, 8.0, True, False)
   assert lora.lora_scale == pytest.approx(8.0 / 2.0)  # rsLoRA: alpha / sqrt(r)
-  dora = peft.spec_from_config(cfg("dora"))
+  dora = peft.spec_from_config(peft_cfg("dora"))
   assert dora.dora and dora.lora_rank == 8 and dora.lora_scale == 2.0
-  combo = peft.spec_from_config(cfg("adapter_pfeiffer+ia3+prefix+prompt", adapter_size=5,
+  combo = peft.spec_from_config(peft_cfg("adapter_pfeiffer+ia3+prefix+prompt", adapter_size=5,
                                     prefix_length=3, prompt_length=2))
   assert (combo.adapter_size, combo.adapter_kind, combo.prefix_length, combo.prompt_length,
           combo.ia3_targets, combo.lora_rank) == (5, "pfeiffer", 3, 2, base_config().peft.ia3_targets, 0)
@@ -167,13 +161,13 @@ def test_combination_is_the_union_of_trainable_sets():
 
 def test_peft_leaves_the_method_does_not_claim_are_uncovered():
   # Model built with LoRA hooks, config says bitfit: the lora leaves belong to no rule.
-  _, params = toy_init(peft.spec_from_config(cfg("lora", lora_rank=2)))
+  _, params = toy_init(peft.spec_from_config(peft_cfg("lora", lora_rank=2)))
   with pytest.raises(ValueError, match=r"matched by no rule: .*lora_a"):
-    peft.partition(cfg("bitfit"), flatten(params), LAYERS)
+    peft.partition(peft_cfg("bitfit"), flatten(params), LAYERS)
 
 
 def test_lora_targets_matching_no_module_is_a_clear_error():
-  c = cfg("lora", lora_targets="qeury")
+  c = peft_cfg("lora", lora_targets="qeury")
   _, params = toy_init(peft.spec_from_config(c))
   with pytest.raises(ValueError, match=r"rule 'lora' .* matches no parameter. peft.lora_targets="
                                        r"'qeury' is searched in every Dense module path"):
