@@ -87,7 +87,7 @@ fi
 # 1. What the compiled steps ask for: jaxft against the reference, then step-side variants (the
 # skip inside AdamW, rbg dropout keys, no guard), most wanted first; rows land as they finish.
 SC_ROWS="jaxft:supervised,reference:supervised,jaxft:lora,reference:lora"
-SC_ROWS="$SC_ROWS,jaxft:supervised:adam_guard,jaxft:supervised:default:rbg,jaxft:supervised:lean"
+SC_ROWS="$SC_ROWS,jaxft:supervised:select_guard,jaxft:supervised:default:rbg,jaxft:supervised:lean"
 # shellcheck disable=SC2086
 stage step_cost 110 $PY benchmarks/step_cost.py $SC_SHAPE --jsonl "$OUT/step_cost.jsonl" \
   --rows "$SC_ROWS"

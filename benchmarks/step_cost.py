@@ -60,8 +60,8 @@ VARIANTS = {
     "lean": "local: value_and_grad + optax tx (clip in the chain) + apply_updates, no guard; "
             "metrics: loss terms, one grad norm, lr",
     "lean_cond": "local: lean + the skip as lax.cond (the step before the rewrite)",
-    "adam_guard": "local: lean with a hand-written AdamW whose moments are selected first and the "
-                  "update read from them (skip without copies of the moments)",
+    "select_guard": "local: lean + the skip as selects of params and optimizer state around a "
+                    "plain optax AdamW (the old moments must outlive their in-place update)",
 }
 SKIP_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 CENSUS = ("scatter", "gather", "rng-bit-generator", "rng", "rng-get-and-update-state",
@@ -235,38 +235,6 @@ def _parts(config, model, info, total_steps: int):
   return objective.terms, trainable, frozen, tx, schedule
 
 
-def _guarded_adamw(train, trainable, schedule):
-  """AdamW (optax.adamw's math, decay mask as jaxft.train.optim) with the non-finite skip inside:
-  m' = ok ? b1 m + (1 - b1) g : m (likewise v and the count), then the update is computed from m',
-  v' and p' = ok ? p - lr (m'_hat / (sqrt(v'_hat) + eps) + wd p) : p. Every select reads buffers
-  its own fusion reads anyway, so no old moment has to outlive its in-place update.
-  -> (init(trainable) -> opt_state, update(grads, opt_state, params, ok, step) -> (params, state))."""
-  import jax.numpy as jnp
-  from jaxft.train.optim import decays
-  b1, b2, eps, wd = train.adam_b1, train.adam_b2, train.adam_eps, train.weight_decay
-  decay = {k: decays(k) for k in trainable}
-
-  def init(params):
-    zeros = {k: jnp.zeros_like(v) for k, v in params.items()}
-    return {"count": jnp.zeros((), jnp.int32), "mu": zeros, "nu": dict(zeros)}
-
-  def update(grads, state, params, ok, step):
-    count = jnp.where(ok, state["count"] + 1, state["count"])
-    t = count.astype(jnp.float32)
-    c1, c2, lr = 1 - b1 ** t, 1 - b2 ** t, schedule(step)
-    mu = {k: jnp.where(ok, b1 * state["mu"][k] + (1 - b1) * g, state["mu"][k])
-          for k, g in grads.items()}
-    nu = {k: jnp.where(ok, b2 * state["nu"][k] + (1 - b2) * g * g, state["nu"][k])
-          for k, g in grads.items()}
-    new = {}
-    for k, p in params.items():
-      u = (mu[k] / c1) / (jnp.sqrt(nu[k] / c2) + eps) + (wd * p if decay[k] else 0.0)
-      new[k] = jnp.where(ok, p - lr * u, p)
-    return new, {"count": count, "mu": mu, "nu": nu}
-
-  return init, update
-
-
 def _variant_step(variant: str, config, model, info, total_steps: int):
   """-> (step, state) for a local variant (VARIANTS): the same terms, partition, optimizer
   hyper-parameters and dropout keys as build(), different step-side code."""
@@ -279,8 +247,6 @@ def _variant_step(variant: str, config, model, info, total_steps: int):
     raise ValueError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
   terms, trainable, frozen, tx, schedule = _parts(config, model, info, total_steps)
   grad_fn = jax.value_and_grad(make_loss_fn(model.apply, terms), has_aux=True)
-  clip = float(config.train.grad_clip)
-  adam_init, adam_update = _guarded_adamw(config.train, trainable, schedule)
 
   def step(state, batch, rng):
     ctx = StepContext(step=state.step, extras=state.extras)
@@ -289,24 +255,20 @@ def _variant_step(variant: str, config, model, info, total_steps: int):
     norm = optax.tree.norm(grads)
     metrics = {**metrics, "grad_norm": norm, "lr": schedule(state.step)}
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(norm)
-    if variant == "adam_guard":
-      grads = jax.tree_util.tree_map(
-          lambda g: jax.lax.select(norm < clip, g, (g / norm) * clip), grads)
-      trainable, opt_state = adam_update(grads, state.opt_state, state.trainable, ok, state.step)
-      metrics["nonfinite"] = (~ok).astype(jnp.float32)
-      return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     new = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
                         opt_state=opt_state)
     if variant == "lean_cond":
       new = jax.lax.cond(ok, lambda: new, lambda: state.replace(step=state.step + 1))
       metrics["nonfinite"] = (~ok).astype(jnp.float32)
+    if variant == "select_guard":
+      keep = lambda n, o: jnp.where(ok, n, o)
+      new = new.replace(trainable=jax.tree_util.tree_map(keep, new.trainable, state.trainable),
+                        opt_state=jax.tree_util.tree_map(keep, new.opt_state, state.opt_state))
+      metrics["nonfinite"] = (~ok).astype(jnp.float32)
     return new, metrics
 
-  state = TrainState.create(trainable, frozen, tx)
-  if variant == "adam_guard":
-    state = state.replace(opt_state=adam_init(trainable))
-  return step, state
+  return step, TrainState.create(trainable, frozen, tx)
 
 
 def jaxft_step(kind: str, seq: int, batch: int, *, tiny: bool = False, variant: str = "default",
