@@ -112,6 +112,7 @@ def make_step(apply_fn,
               nan_policy: str = "skip",
               update_extras: Callable[[TrainState, TrainState, Any], dict] | None = None,
               post_update: Callable[[Flat, TrainState], Flat] | None = None,
+              prepare: Callable[[TrainState], TrainState] | None = None,
               spike_guard=None,
               log_norms: bool = False,
               guard_in_optimizer: bool = False):
@@ -129,6 +130,8 @@ def make_step(apply_fn,
     so does a sum of squares beyond float32, ~|g| > 1e19, which no healthy step reaches).
   update_extras(old_state, new_state, metrics) -> extras: e.g. EMA teacher updates, after the update.
   post_update(trainable, state) -> trainable: e.g. re-applying pruning masks to updated weights.
+  prepare(state) -> state: a change of the state the gradients are taken at (e.g. new pruning
+    masks on a schedule step); part of the step, so a skipped step drops it too.
   spike_guard: a jaxft.train.spike.SpikeGuard (its entries in extras): an update whose gradient norm
     is far above the recent median is skipped like a non-finite one, counted in `spike_skipped`.
   log_norms: also return param_norm and update_norm every step (two more reductions over every
@@ -190,6 +193,9 @@ def make_step(apply_fn,
     return new_state, updates
 
   def step(state: TrainState, batch, rng):
+    before = state
+    if prepare is not None:
+      state = prepare(state)
     rng = jax.random.fold_in(rng, state.step)
     grads, metrics = compute_grads(state, batch, rng)
     grad_norm = global_norm(grads)
@@ -207,11 +213,12 @@ def make_step(apply_fn,
     new_state, updates = update(state, grads, metrics, apply_it)
     if guarded:
       keep = lambda new, old: jnp.where(apply_it, new, old)
-      kept = dict(extras=jax.tree_util.tree_map(keep, new_state.extras, state.extras))
+      kept = dict(extras=jax.tree_util.tree_map(keep, new_state.extras, before.extras))
       if not guard_in_optimizer:
         kept["opt_state"] = jax.tree_util.tree_map(keep, new_state.opt_state, state.opt_state)
-      if not guard_in_optimizer or post_update is not None:  # else update() kept the params
-        kept["trainable"] = jax.tree_util.tree_map(keep, new_state.trainable, state.trainable)
+      if not guard_in_optimizer or post_update is not None or prepare is not None:
+        # (else update() kept the params)
+        kept["trainable"] = jax.tree_util.tree_map(keep, new_state.trainable, before.trainable)
       new_state = new_state.replace(**kept)
       skipped = state.extras["skipped_steps"]
       if nan_policy != "none":

@@ -310,7 +310,9 @@ def make_prune_step(apply_fn, terms: Mapping[str, Weighted], tx: optax.GradientT
   pruned weights. State: from `init_pruning` (extras["masks"]). l1_weight: lambda of soft movement
   (a float or a schedule). post_update / update_extras: the caller's own hooks, run before the
   pruning ones. Gradual magnitude pruning recomputes masks *before* the update of a scheduled step
-  (and zeroes the newly pruned weights), so after the step at t the masks hold exactly s_t.
+  (and zeroes the newly pruned weights), so after the step at t the masks hold exactly s_t; the
+  recompute is the inner step's `prepare`, so a skipped (non-finite) step leaves weights and masks
+  as they were.
   step_factory: the step the wrapped terms go to (`make_step`, or another method's step factory).
   """
   _check_method(method)
@@ -335,20 +337,23 @@ def make_prune_step(apply_fn, terms: Mapping[str, Weighted], tx: optax.GradientT
                                                 new.step)}
     return extras
 
-  inner = step_factory(apply_fn, step_terms, tx, post_update=post, update_extras=extras_fn,
-                       **step_kwargs)
-
   def recompute_magnitude(state: TrainState) -> TrainState:
     flat = {**state.frozen, **state.trainable}
     masks = magnitude_masks({p: flat[p] for p in state.extras["masks"]}, schedule(state.step), scope)
     return state.replace(trainable=apply_masks(state.trainable, masks),
                          extras={**state.extras, "masks": masks})
 
+  def prepare(state: TrainState) -> TrainState:
+    return jax.lax.cond(schedule.is_update_step(state.step), recompute_magnitude, lambda s: s,
+                        state)
+
+  if method == "magnitude":
+    step_kwargs["prepare"] = prepare
+  inner = step_factory(apply_fn, step_terms, tx, post_update=post, update_extras=extras_fn,
+                       **step_kwargs)
+
   def step(state: TrainState, batch, rng):
     old_masks = state.extras["masks"]
-    if method == "magnitude":
-      state = jax.lax.cond(schedule.is_update_step(state.step), recompute_magnitude,
-                           lambda s: s, state)
     new_state, metrics = inner(state, batch, rng)
     metrics = {**metrics, **sparsity_metrics(new_state.extras["masks"]),
                "sparsity/changed": mask_change(old_masks, new_state.extras["masks"])}

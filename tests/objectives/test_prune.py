@@ -258,3 +258,36 @@ def test_head_pruned_export_matches_masked_model(bert):
     prune.export_head_pruned(bert.params, bert.module.cfg,
                              prune.heads_to_prune(imp + jnp.array([[0.0], [9.0]]), fraction=0.5)
                              .at[1].set(True))
+
+
+def nan_when_poisoned(apply_fn, params, batch, rng, ctx):
+  """A loss term that is 0 until batch["poison"] is set, then NaN (through the params)."""
+  w = jax.tree_util.tree_leaves(params)[0].reshape(-1)[0]
+  return jnp.where(batch["poison"][0] > 0, jnp.nan, 0.0) * w, {}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement"])
+def test_skipped_step_leaves_weights_masks_and_scores_bitwise_unchanged(bert, method):
+  # Step 2 is a scheduled mask update: a NaN there must drop the new masks with the update.
+  sched = prune.CubicSchedule(final=0.6, initial=0.3, begin_step=2, num_updates=2, frequency=2)
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  trainable, extras = prune.init_pruning(flatten(bert.params), {}, method, schedule=sched)
+  state = TrainState.create(trainable, {}, tx, extras=extras)
+  terms = {**SUP, "poison": Weighted(nan_when_poisoned)}
+  step = jax.jit(prune.make_prune_step(bert.apply, terms, tx, method=method, schedule=sched,
+                                       soft_threshold=0.5))
+  good = dict(text_batch(), poison=jnp.zeros(4))
+  for t in range(2):
+    state, _ = step(state, good, jax.random.key(t))
+  assert sched.is_update_step(int(state.step))
+  before = jax.device_get((state.trainable, state.opt_state, state.extras["masks"]))
+  state, m = step(state, dict(good, poison=jnp.ones(4)), jax.random.key(2))
+  assert float(m["nonfinite"]) == 1.0 and int(state.extras["skipped_steps"]) == 1
+  after = jax.device_get((state.trainable, state.opt_state, state.extras["masks"]))
+  for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+  # The next good step prunes on schedule from where it was.
+  state, m = step(state, good, jax.random.key(3))
+  assert float(m["nonfinite"]) == 0.0
+  if method != "soft_movement":
+    np.testing.assert_allclose(m["sparsity/target"], sched(3), rtol=1e-6)

@@ -45,9 +45,19 @@ def load_config(model_dir, **extra):
                          config_lib.parse_overrides(overrides(model_dir, **extra)))
 
 
-def start(argv, log_path, python_code: str | None = None) -> subprocess.Popen:
-  """Starts `python -m jaxft <argv>` (or `python -c python_code <argv>`), output into log_path."""
-  env = dict(os.environ)
+def compile_cache_env(cache_dir) -> dict:
+  """Environment that makes runs share JAX's persistent compilation cache in cache_dir: the second
+  run of a command loads the first one's executables instead of compiling them again."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def start(argv, log_path, python_code: str | None = None, env: dict | None = None
+          ) -> subprocess.Popen:
+  """Starts `python -m jaxft <argv>` (or `python -c python_code <argv>`), output into log_path;
+  env: extra environment variables."""
+  env = {**os.environ, **(env or {})}
   env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
   head = ["-c", python_code] if python_code else ["-m", "jaxft"]
@@ -61,9 +71,9 @@ def finish(proc: subprocess.Popen, log_path, timeout=240) -> str:
   return pathlib.Path(log_path).read_text()
 
 
-def run(argv, log_path) -> str:
+def run(argv, log_path, env: dict | None = None) -> str:
   """Runs to the end; fails the test with the log when the exit status is not 0."""
-  proc = start(argv, log_path)
+  proc = start(argv, log_path, env=env)
   out = finish(proc, log_path)
   assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
   return out
