@@ -1,5 +1,6 @@
-"""Flax ports of BERT, RoBERTa, DistilBERT, ELECTRA, MPNet and ViT with Hugging Face checkpoint
-import/export (see pretrained.py) and numerical parity with transformers' PyTorch classes."""
+"""Flax ports of BERT, RoBERTa, DistilBERT, ELECTRA, MPNet, ModernBERT and ViT with Hugging Face
+checkpoint import/export (see pretrained.py) and numerical parity with transformers' PyTorch
+classes."""
 
 from jaxft.models.outputs import ModelOutput
 from jaxft.models.pretrained import Model, from_pretrained, init_random

@@ -3,10 +3,13 @@
 Parameter names mirror the HF task classes so checkpoints load and export by name:
 sequence heads: "linear" (BERT, ViT): classifier(Dropout(pooled)); "dense_tanh" (RoBERTa, MPNet) /
 "dense_gelu" (ELECTRA): classifier/out_proj(Dropout(act(classifier/dense(Dropout(pooled)))));
-"pre_classifier" (DistilBERT): classifier(Dropout(relu(pre_classifier(pooled)))).
-Token head: classifier(Dropout(h)). MLM heads tie the decoder to the word embeddings:
-logits = LN(act(W h)) E^T + b, with HF's module names per family (cls/predictions, lm_head,
-vocab_*, generator_*).
+"pre_classifier" (DistilBERT): classifier(Dropout(relu(pre_classifier(pooled))));
+"prediction_head" (ModernBERT): classifier(Dropout(head(pooled))), head = norm(act(dense));
+"context_pooler" (DeBERTa): classifier(Dropout(pooler(pooled))), pooler = act(dense(Dropout)).
+Token head: classifier(Dropout(h)), with the prediction head first for "prediction_head".
+MLM heads tie the decoder to the word embeddings: logits = LN(act(W h)) E^T + b, with HF's
+module names per family (cls/predictions, lm_head, vocab_*, generator_*; ModernBERT: head, then
+decoder; DeBERTa: cls/predictions or lm_predictions/lm_head, by its config's `legacy`).
 Pooling turns [B, S, H] into the [B, H] the sequence head reads: "pooler" (HF pooler,
 tanh(W h_0)), "cls" (h_0), "mean" (mean over real tokens).
 """
@@ -19,7 +22,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxft.models import deberta
 from jaxft.models import layers as L
+from jaxft.models import modernbert
 from jaxft.models.outputs import ModelOutput
 
 HEADS = (None, "sequence_classification", "regression", "token_classification", "mlm")
@@ -30,8 +35,9 @@ SEQUENCE_HEADS = ("sequence_classification", "regression")
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
   """kind: one of HEADS; num_labels; pooling: one of POOLINGS (sequence heads); style: the
-  sequence head layout ("linear", "dense_tanh", "dense_gelu", "pre_classifier"); mlm: the MLM
-  layout ("bert", "roberta", "distilbert", "electra"); dropout: classifier dropout rate."""
+  sequence head layout ("linear", "dense_tanh", "dense_gelu", "pre_classifier",
+  "prediction_head", "context_pooler"); mlm: the MLM layout ("bert", "roberta", "distilbert",
+  "electra", "modernbert", "deberta"); dropout: classifier dropout rate."""
 
   kind: Optional[str] = None
   num_labels: int = 0
@@ -79,6 +85,12 @@ class SequenceHead(nn.Module):
     if hc.style == "pre_classifier":
       x = nn.relu(_dense(cfg, cfg.hidden_size, "pre_classifier")(pooled))
       return _dense(cfg, hc.num_labels, "classifier")(drop(x, deterministic=deterministic))
+    if hc.style == "prediction_head":
+      x = modernbert.PredictionHead(cfg, name="head")(pooled)
+      return _dense(cfg, hc.num_labels, "classifier")(drop(x, deterministic=deterministic))
+    if hc.style == "context_pooler":
+      x = deberta.ContextPooler(cfg, name="pooler")(pooled, deterministic)
+      return _dense(cfg, hc.num_labels, "classifier")(drop(x, deterministic=deterministic))
     raise ValueError(f"unknown sequence head style {hc.style!r}")
 
 
@@ -90,19 +102,26 @@ class TokenHead(nn.Module):
 
   @nn.compact
   def __call__(self, h, deterministic):
+    if self.head.style == "prediction_head":
+      h = modernbert.PredictionHead(self.cfg, name="head")(h)
     h = nn.Dropout(self.head.dropout)(h, deterministic=deterministic)
     return _dense(self.cfg, self.head.num_labels, "classifier")(h)
 
 
 class TiedDecoder(nn.Module):
-  """h E^T + b with the word-embedding table E [V, E]; only the bias [V] is a parameter here."""
+  """h E^T + b with the word-embedding table E [V, E]; only the bias [V] is a parameter here
+  (none when not use_bias: ModernBERT's decoder_bias=False)."""
 
   cfg: L.ArchConfig
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, h, table):
+    logits = jnp.dot(h, table.astype(h.dtype).T)
+    if not self.use_bias:
+      return logits
     bias = self.param("bias", nn.initializers.zeros, (table.shape[0],), self.cfg.param_dtype)
-    return jnp.dot(h, table.astype(h.dtype).T) + bias.astype(h.dtype)
+    return logits + bias.astype(h.dtype)
 
 
 def _transform(cfg, h, features, act, dense_name, ln_name, eps):
@@ -179,6 +198,11 @@ class MLMHead(nn.Module):
       h = Transform(cfg, cfg.embedding_size or cfg.hidden_size, "gelu", cfg.layer_norm_eps,
                     name="generator_predictions")(h)
       return TiedDecoder(cfg, name="generator_lm_head")(h, table)
+    if style == "modernbert":
+      h = modernbert.PredictionHead(cfg, name="head")(h)
+      return TiedDecoder(cfg, cfg.decoder_bias, name="decoder")(h, table)
+    if style == "deberta":
+      return deberta.MLMHead(cfg, name="cls" if cfg.legacy_mlm else "lm_predictions")(h, table)
     raise ValueError(f"unknown MLM head layout {style!r}")
 
 

@@ -1,13 +1,15 @@
 """Hugging Face checkpoints <-> jaxft parameter trees: names, layouts, and weight files.
 
 Names: a Flax path ("backbone", "encoder", "layer_3", "attention", "self", "query", "kernel") is the
-HF key "<prefix>.encoder.layer.3.attention.self.query.weight": "layer_N" -> "layer.N", leaves
+HF key "<prefix>.encoder.layer.3.attention.self.query.weight": "layer_N" -> "layer.N" (but
+"layers/layer_N" -> "layers.N", a ModuleList named layers as ModernBERT's), leaves
 kernel/embedding/scale -> weight, bias -> bias, raw parameters (ViT cls_token,
 position_embeddings) keep their name. Backbone keys carry the task class's base_model_prefix
 ("bert.") when a head is present; head keys have none. Layouts: torch Linear weight [out, in] is
-the transpose of a Flax kernel [in, out]; a Conv2d weight [out, in, kh, kw] is Flax [kh, kw, in,
-out]. Files: model.safetensors (read here without torch, bf16 through ml_dtypes), sharded
-*.safetensors.index.json, or pytorch_model.bin (needs torch).
+the transpose of a Flax kernel [in, out], a Conv1d weight [out, in, k] that of Flax [k, in, out];
+a Conv2d weight [out, in, kh, kw] is Flax [kh, kw, in, out]. Files: model.safetensors (read here
+without torch, bf16 through ml_dtypes), sharded *.safetensors.index.json, or pytorch_model.bin
+(needs torch).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ _BUFFERS = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
 # Decoder weights tied to the word embeddings (and the decoder bias tied to the head's bias).
 TIED_DECODER_KEYS = frozenset({
     "cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "lm_head.decoder.weight",
-    "lm_head.decoder.bias", "vocab_projector.weight", "generator_lm_head.weight"})
+    "lm_head.decoder.bias", "vocab_projector.weight", "generator_lm_head.weight",
+    "decoder.weight"})
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -45,14 +48,19 @@ def is_peft_path(path: Iterable[str]) -> bool:
 
 def hf_name(path: tuple, prefix: str = "") -> str:
   """Flax path (starting with "backbone" or "head") -> HF state-dict key."""
-  mods = [(_LAYER.sub(r"layer.\1", p)) for p in path[1:-1]]
+  mods = []
+  for p in path[1:-1]:
+    if mods and mods[-1] == "layers" and _LAYER.match(p):
+      mods.append(_LAYER.match(p).group(1))
+    else:
+      mods.append(_LAYER.sub(r"layer.\1", p))
   leaf = _LEAF_NAMES.get(path[-1], path[-1])
   key = ".".join(mods + [leaf])
   return f"{prefix}.{key}" if prefix and path[0] == "backbone" else key
 
 
 def to_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and x.ndim == 2:
+  if leaf == "kernel" and x.ndim in (2, 3):  # Linear; Conv1d [k, in, out] <-> [out, in, k]
     return x.T
   if leaf == "kernel" and x.ndim == 4:
     return x.transpose(3, 2, 0, 1)
@@ -60,7 +68,7 @@ def to_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
 
 
 def from_hf_layout(leaf: str, x: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and x.ndim == 2:
+  if leaf == "kernel" and x.ndim in (2, 3):
     return x.T
   if leaf == "kernel" and x.ndim == 4:
     return x.transpose(2, 3, 1, 0)

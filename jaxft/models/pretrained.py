@@ -30,7 +30,6 @@ from jaxft import assets
 from jaxft.models import heads as H
 from jaxft.models import hf as hfio
 from jaxft.models import registry
-from jaxft.models.layers import ArchConfig
 from jaxft.models.outputs import ModelOutput
 from jaxft.models.peft_layers import PeftSpec, init_dora, init_pissa
 
@@ -137,7 +136,7 @@ class Model:
     for name in hfio.WEIGHT_FILES:  # stale weights from an earlier export must not shadow ours
       if (out / name).exists():
         (out / name).unlink()
-    default_pooling = self.family.default_pooling
+    default_pooling = self.family.pooling_of(self.config)
     if self.head in H.SEQUENCE_HEADS and self.pooling != default_pooling:
       warnings.warn(f"exporting a {self.family.model_type} sequence head with pooling="
                     f"{self.pooling!r}; {self.family.hf_class(self.head)} pools with "
@@ -265,12 +264,13 @@ def _build(hf, family: registry.Family, head, num_labels, *, dtype, pooling, pef
   if dtype not in _DTYPES:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
   hf = copy.deepcopy(hf)
-  for key, value in zip(family.dropout_keys, (hidden_dropout, attention_dropout,
-                                              classifier_dropout)):
+  for keys, value in zip(family.dropout_keys, (hidden_dropout, attention_dropout,
+                                               classifier_dropout)):
     if value is not None:
-      if key is None:
+      if keys is None:
         raise ValueError(f"model_type {family.model_type!r} has no classifier dropout to set")
-      setattr(hf, key, float(value))
+      for key in (keys if isinstance(keys, tuple) else (keys,)):
+        setattr(hf, key, float(value))
   n, labels = _labels(head, num_labels, id2label, hf, load_head)
   if labels is not None:
     hf.num_labels = n
@@ -278,19 +278,22 @@ def _build(hf, family: registry.Family, head, num_labels, *, dtype, pooling, pef
     hf.label2id = {v: k for k, v in labels.items()}
     hf.problem_type = "regression" if head == "regression" else (
         "single_label_classification" if head == "sequence_classification" else None)
-  pooling = pooling or family.default_pooling
+  pooling = pooling or family.pooling_of(hf)
   if pooling not in H.POOLINGS:
     raise ValueError(f"pooling must be one of {H.POOLINGS} or None, got {pooling!r}")
   if pooling == "pooler" and not family.has_pooler:
     raise ValueError(f"{family.model_type} has no pooler; use pooling='cls' or 'mean'")
+  if family.pooling_key and head in H.SEQUENCE_HEADS:
+    setattr(hf, family.pooling_key, pooling)  # the exported config then pools the same way
   if head == "mlm" and not getattr(hf, "tie_word_embeddings", True):
     raise ValueError("MLM heads with untied decoder weights (tie_word_embeddings=False) are not "
                      "supported")
   add_pooler = family.has_pooler and (head is None or (head in H.SEQUENCE_HEADS and
                                                        pooling == "pooler"))
-  arch = ArchConfig(**family.arch_from_hf(hf), add_pooling_layer=add_pooler,
-                    dtype=_DTYPES[dtype], param_dtype=jnp.float32, attention_impl=attention_impl,
-                    remat=remat, remat_policy=remat_policy, peft=peft or PeftSpec())
+  arch = family.arch_cls(**family.arch_from_hf(hf), add_pooling_layer=add_pooler,
+                         dtype=_DTYPES[dtype], param_dtype=jnp.float32,
+                         attention_impl=attention_impl, remat=remat, remat_policy=remat_policy,
+                         peft=peft or PeftSpec())
   head_cfg = H.HeadConfig(kind=head, num_labels=n, pooling=pooling, style=family.seq_style,
                           mlm=family.mlm or "bert", dropout=family.head_dropout(hf, head))
   return H.TaskModel(family.backbone, arch, head_cfg), hf, (pooling if head in

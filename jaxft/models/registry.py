@@ -10,7 +10,8 @@ import dataclasses
 import difflib
 from typing import Any, Callable, Optional
 
-from jaxft.models import bert, distilbert, mpnet, vit
+from jaxft.models import bert, deberta, distilbert, modernbert, mpnet, vit
+from jaxft.models.layers import ArchConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +22,11 @@ class Family:
   seq_style / default_pooling: the HF sequence head's layout and what it reads;
   has_pooler: the HF base model builds a pooler; pooler_heads: task heads whose HF class keeps it;
   mlm: MLM head layout or None; inputs: "text" or "image";
-  dropout_keys: HF config attribute names of (hidden, attention, classifier) dropout."""
+  dropout_keys: HF config attribute names of (hidden, attention, classifier) dropout, each a name
+  or a tuple of names that one setting writes together;
+  arch_cls: the ArchConfig (sub)class arch_from_hf's fields build;
+  pooling_key: HF config attribute that chooses the sequence head's pooling (ModernBERT's
+  classifier_pooling): its value replaces default_pooling, and export writes the pooling used."""
 
   model_type: str
   backbone: Any
@@ -35,6 +40,12 @@ class Family:
   mlm: Optional[str] = None
   inputs: str = "text"
   dropout_keys: tuple = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+  arch_cls: Any = ArchConfig
+  pooling_key: Optional[str] = None
+
+  def pooling_of(self, hf) -> str:
+    """The pooling the HF sequence class of this config uses."""
+    return getattr(hf, self.pooling_key) if self.pooling_key else self.default_pooling
 
   def head_dropout(self, hf, kind: Optional[str]) -> float:
     """Classifier dropout HF applies for this head (only active when deterministic=False)."""
@@ -42,6 +53,9 @@ class Family:
       return 0.0
     if self.model_type == "distilbert":
       return hf.dropout if kind == "token_classification" else hf.seq_classif_dropout
+    if self.model_type == "deberta-v2":  # cls_dropout on the sequence head only
+      rate = getattr(hf, "cls_dropout", None) if kind in _SEQ else None
+      return hf.hidden_dropout_prob if rate is None else rate
     rate = getattr(hf, "classifier_dropout", None)
     return hf.hidden_dropout_prob if rate is None else rate
 
@@ -65,10 +79,21 @@ def _text_classes(stem: str, mlm: bool = True) -> dict:
 
 _SEQ = ("sequence_classification", "regression")
 
+
+def _roberta_arch(hf) -> dict:
+  """XLM-RoBERTa and CamemBERT are RoBERTa checkpoints under their own model_type (and class
+  names): the same fairseq position ids."""
+  return {**bert.arch_from_hf(hf), "position_ids": "padding_offset"}
+
+
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("bert", bert.BertBackbone, bert.arch_from_hf, "bert", _text_classes("Bert"), "linear",
            "pooler", True, _SEQ, "bert"),
     Family("roberta", bert.BertBackbone, bert.arch_from_hf, "roberta", _text_classes("Roberta"),
+           "dense_tanh", "cls", True, (), "roberta"),
+    Family("xlm-roberta", bert.BertBackbone, _roberta_arch, "roberta",
+           _text_classes("XLMRoberta"), "dense_tanh", "cls", True, (), "roberta"),
+    Family("camembert", bert.BertBackbone, _roberta_arch, "roberta", _text_classes("Camembert"),
            "dense_tanh", "cls", True, (), "roberta"),
     Family("electra", bert.BertBackbone, bert.arch_from_hf, "electra", _text_classes("Electra"),
            "dense_gelu", "cls", False, (), "electra"),
@@ -82,6 +107,15 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
             "regression": "ViTForImageClassification"},
            "linear", "cls", True, (), None, inputs="image",
            dropout_keys=("hidden_dropout_prob", "attention_probs_dropout_prob", None)),
+    Family("modernbert", modernbert.ModernBertBackbone, modernbert.arch_from_hf, "model",
+           _text_classes("ModernBert"), "prediction_head", "cls", False, (), "modernbert",
+           dropout_keys=(("embedding_dropout", "mlp_dropout"), "attention_dropout",
+                         "classifier_dropout"),
+           arch_cls=modernbert.ModernBertArch, pooling_key="classifier_pooling"),
+    Family("deberta-v2", deberta.DebertaV2Backbone, deberta.arch_from_hf, "deberta",
+           _text_classes("DebertaV2"), "context_pooler", "cls", False, (), "deberta",
+           dropout_keys=("hidden_dropout_prob", "attention_probs_dropout_prob", "cls_dropout"),
+           arch_cls=deberta.DebertaArch),
 ]}
 
 

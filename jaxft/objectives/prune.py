@@ -44,7 +44,10 @@ from jaxft.core.state import Flat, TrainState, flatten, unflatten
 # Encoder-layer projection kernels of every family port: BERT/RoBERTa/ELECTRA (query, key, value,
 # attention/output/dense, intermediate/dense, output/dense), MPNet (q, k, v, o), DistilBERT
 # (q_lin, k_lin, v_lin, out_lin, lin1, lin2). Adapters/LoRA params have other names.
-PRUNABLE = r"layer_\d+/(.*/)?(query|key|value|dense|q|k|v|o|q_lin|k_lin|v_lin|out_lin|lin1|lin2)/kernel$"
+# Encoder kernels of every family: BERT-likes, MPNet (q/k/v/o), DistilBERT (*_lin, lin1/2),
+# DeBERTa (query_proj/key_proj/value_proj), ModernBERT (attn/Wqkv, attn/Wo, mlp/Wi, mlp/Wo).
+PRUNABLE = (r"layer_\d+/(.*/)?(query|key|value|dense|q|k|v|o|q_lin|k_lin|v_lin|out_lin|lin1|lin2|"
+            r"query_proj|key_proj|value_proj|Wqkv|Wo|Wi)/kernel$")
 SCORES = "prune_scores"
 METHODS = ("fixed", "magnitude", "movement", "soft_movement")
 _LAYER = re.compile(r"layer_(\d+)")
@@ -375,6 +378,8 @@ HEAD_LAYOUTS = (
     ("attention/self/query", "attention/self/key", "attention/self/value", "attention/output/dense"),
     ("attention/attn/q", "attention/attn/k", "attention/attn/v", "attention/attn/o"),
     ("attention/q_lin", "attention/k_lin", "attention/v_lin", "attention/out_lin"),
+    ("attention/self/query_proj", "attention/self/key_proj", "attention/self/value_proj",
+     "attention/output/dense"),
 )
 
 

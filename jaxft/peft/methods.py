@@ -15,7 +15,7 @@ the method that adds it (a model built with another spec fails the coverage chec
 | method           | trains (besides the head)                      | spec                          |
 | full             | every pretrained backbone parameter            | -                             |
 | linear_probe     | nothing                                        | -                             |
-| freeze_bottom    | layers freeze_layers..L-1 and the pooler       | -                             |
+| freeze_bottom    | layers freeze_layers..L-1, pooler, final norm  | -                             |
 | bitfit           | every pretrained bias (Ben Zaken et al. 2021)  | -                             |
 | lora             | lora_a, lora_b (Hu et al. 2021)                | lora_rank/alpha/targets/...   |
 | dora             | lora_a, lora_b, dora_m (Liu et al. 2024)       | lora_* and dora               |
@@ -119,16 +119,24 @@ def _regex(cfg, field: str, method: str) -> str:
 
 # LoRA target presets: regexes over Dense module paths naming, in every family, BERT-likes (BERT,
 # RoBERTa, ELECTRA, ViT: attention/self|attention/{query,key,value}, attention/output/dense,
-# intermediate/dense, layer_i/output/dense), DistilBERT (attention/{q,k,v,out}_lin, ffn/lin1|2) and
-# MPNet (attention/attn/{q,k,v,o}, intermediate/dense, output/dense). The pooler and the head are
-# plain nn.Dense layers and never carry LoRA.
-_QV = r"(^|/)(query|value|q_lin|v_lin|q|v)$"
-_ATTENTION = r"(^|/)(query|key|value|q_lin|k_lin|v_lin|out_lin|q|k|v|o)$|(^|/)attention/output/dense$"
-_FFN = r"(^|/)intermediate/dense$|(^|/)layer_\d+/output/dense$|(^|/)ffn/lin(1|2)$"
+# intermediate/dense, layer_i/output/dense), DistilBERT (attention/{q,k,v,out}_lin, ffn/lin1|2),
+# MPNet (attention/attn/{q,k,v,o}, intermediate/dense, output/dense), ModernBERT (attn/Wqkv,
+# attn/Wo, mlp/Wi, mlp/Wo) and DeBERTa (attention/self/{query,key,value}_proj, BERT's output and
+# FFN names; all-linear adds pos_{key,query}_proj, its relative-position projections). ModernBERT
+# projects q, k and v with one fused kernel, which a Dense hook cannot split, so its "qv" is LoRA
+# on the whole attn/Wqkv (the key projection adapts too; the same choice as "attention" minus Wo).
+# The pooler and the head are plain nn.Dense layers and never carry LoRA.
+_QV = r"(^|/)(query|value|q_lin|v_lin|q|v|query_proj|value_proj)$|(^|/)attn/Wqkv$"
+_ATTENTION = (r"(^|/)(query|key|value|q_lin|k_lin|v_lin|out_lin|q|k|v|o|query_proj|key_proj|"
+              r"value_proj)$"
+              r"|(^|/)attention/output/dense$|(^|/)attn/(Wqkv|Wo)$")
+_FFN = r"(^|/)intermediate/dense$|(^|/)layer_\d+/output/dense$|(^|/)ffn/lin(1|2)$|(^|/)mlp/(Wi|Wo)$"
+_POSITION = r"(^|/)pos_(key|query)_proj$"
 LORA_TARGETS = {
     "qv": _QV,  # Hu et al. 2021's choice for RoBERTa / DeBERTa on GLUE
     "attention": _ATTENTION,  # W_q, W_k, W_v, W_o
-    "all-linear": f"{_ATTENTION}|{_FFN}",  # QLoRA's (Dettmers et al. 2023) every linear layer
+    # QLoRA's (Dettmers et al. 2023) every linear layer
+    "all-linear": f"{_ATTENTION}|{_FFN}|{_POSITION}",
 }
 
 
@@ -176,7 +184,8 @@ def _freeze_bottom(cfg, num_layers):
   if not 0 <= k <= num_layers:
     raise ValueError(f"peft.freeze_layers={k} must lie in [0, num_layers={num_layers}]")
   top = "|".join(str(i) for i in range(k, num_layers))
-  pattern = rf"layer_({top})|pooler" if top else "pooler"
+  # A pre-LN encoder's final norm (ModernBERT's final_norm) belongs with the top layer.
+  pattern = rf"layer_({top})|pooler|final_norm" if top else "pooler"
   return [Rule("freeze_bottom", rf"^backbone/(.*/)?({pattern})/", TRAINABLE, exclude=(PEFT_LEAF,),
                hint=f"freeze_layers={k} of {num_layers} leaves no layer and no pooler to train; "
                     "use method=linear_probe to train the head alone.")]

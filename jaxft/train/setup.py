@@ -125,7 +125,7 @@ def check_max_length(max_length: int, hf_config) -> None:
   n = getattr(hf_config, "max_position_embeddings", None)
   if n is None:
     return
-  if getattr(hf_config, "model_type", "") in ("roberta", "mpnet", "xlm-roberta"):
+  if getattr(hf_config, "model_type", "") in ("roberta", "mpnet", "xlm-roberta", "camembert"):
     n -= 2  # positions start after the padding index
   if max_length > n:
     raise ValueError(f"data.max_length={max_length} exceeds the model's {n} positions. Fix: "

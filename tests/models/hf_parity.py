@@ -9,7 +9,9 @@ from jaxft.models import from_pretrained
 
 import hf_tiny as tiny
 
-TOL = 1e-4
+# README's parity claim for the tiny configs of every family (float32, CPU): hidden states,
+# attention maps, pooler output and logits. Measured maxima sit between 1e-6 and 2e-6.
+TOL = 2e-6
 
 
 def max_diff(a, b) -> float:

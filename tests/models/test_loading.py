@@ -25,7 +25,8 @@ def test_unknown_model_type_lists_supported(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
   with pytest.raises(ValueError, match="unsupported model_type 'gpt2'") as e:
     from_pretrained(tmp_path)
-  assert "bert, distilbert, electra, mpnet, roberta, vit" in str(e.value)
+  assert ("bert, camembert, deberta-v2, distilbert, electra, modernbert, mpnet, roberta, vit, "
+          "xlm-roberta") in str(e.value)
 
 
 def test_missing_weight_file_says_what_was_looked_for(tmp_path, bert_dir):
