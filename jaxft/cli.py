@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pathlib
 import sys
 
 
@@ -34,7 +33,8 @@ def _eval(args, rest):
   metrics = evaluate_workdir(args.workdir, split=args.split, which=args.which, int8=args.int8,
                              pgd_eps=eps, pgd_steps=args.pgd_steps,
                              pgd_examples=args.pgd_examples,
-                             synonym_examples=args.synonym_attack, setup_fn=setup_for)
+                             synonym_examples=args.synonym_attack, setup_fn=setup_for,
+                             file=args.file)
   print(json.dumps(metrics, indent=2))
   return 0
 
@@ -69,11 +69,8 @@ def _table(args, rest):
 
 
 def _bench(args, rest):
-  import runpy
-  sys.argv = ["benchmarks/throughput.py", *rest]
-  runpy.run_path(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"),
-                 run_name="__main__")
-  return 0
+  from jaxft.bench import throughput
+  return throughput.main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--split", default=None,
                  help="any split the task has (e.g. test), default the run's first eval split; "
                  "the checkpoint is still the one --which picks (best by the run's eval split)")
+  e.add_argument("--file", default=None, metavar="PATH",
+                 help="score a local file in the task's format instead: a table with the task's "
+                 "text columns and a 'label' column (data.label_column), or CoNLL lines for "
+                 "token classification")
   e.add_argument("--which", choices=("best", "latest"), default="best")
   e.add_argument("--int8", action="store_true",
                  help="also score the weights after post-training int8 quantization (and sizes)")
@@ -122,11 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("names", nargs="*")
   a.set_defaults(fn=_assets)
 
-  tb = sub.add_parser("table", help="run an experiment grid x seeds and aggregate a table")
-  tb.add_argument("experiment")
+  tb = sub.add_parser("table", add_help=False,  # --help: the harness's own (jaxft/harness/cli.py)
+                      help="run an experiment grid x seeds and aggregate a table: "
+                      "jaxft table experiments/x.py --grid cpu --seeds 3 (jaxft table --help)")
+  tb.add_argument("experiment", nargs="?",
+                  help="experiments/<file>.py (with --analyze a workdir, with --docs a Markdown file)")
   tb.set_defaults(fn=_table)
 
-  b = sub.add_parser("bench", help="throughput benchmark (benchmarks/throughput.py)")
+  b = sub.add_parser("bench", add_help=False,
+                     help="throughput of the train step against Hugging Face PyTorch "
+                     "(jaxft bench --tiny: a CPU smoke run; jaxft bench --help)")
   b.set_defaults(fn=_bench)
   return p
 

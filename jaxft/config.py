@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       name="mr",
-      data_dir="",
+      data_dir="",  # "" = the task's default place: packaged data, else $JAXFT_DATA/<folder> or
+      # ../shared/data/<folder> (jaxft.data.tasks.data_root; GLUE: glue), else the hub
       train_file="",
       validation_file="",
       test_file="",
@@ -111,15 +112,19 @@ def base_config() -> ml_collections.ConfigDict:
       lora_rank=8,
       lora_alpha=16.0,
       lora_dropout=0.0,
-      # A preset, resolved for every family (BERT-likes, DistilBERT q_lin..., MPNet attn/q...):
+      # A preset, resolved for every family (BERT-likes, DistilBERT q_lin..., MPNet attn/q...,
+      # ModernBERT's fused attn/Wqkv, see jaxft.peft.methods.LORA_TARGETS):
       # qv (query, value), attention (q, k, v, o), all-linear (attention and FFN of every layer);
       # or a regex searched in the Dense module paths.
       lora_targets="qv",
       rslora=False,
       lora_init="default",  # default (B = 0) / pissa (Meng et al. 2024: A, B from W's top-r SVD)
       lora_plus_ratio=0.0,  # LoRA+ (Hayou et al. 2024): B trains at ratio x the A rate; 0/1 = off
-      # (IA)^3: regex over Dense module paths (key/value and FFN output projections of every family)
-      ia3_targets=r"(^|/)(key|value|k_lin|v_lin|k|v)$|(^|/)output/dense$|(^|/)ffn/lin2$",
+      # (IA)^3: regex over Dense module paths (key/value and FFN output projections of every family;
+      # ModernBERT: its fused attn/Wqkv, so the queries are rescaled too, and mlp/Wo)
+      ia3_targets=r"(^|/)(key|value|k_lin|v_lin|k|v|key_proj|value_proj)$|(^|/)output/dense$"
+                  r"|(^|/)ffn/lin2$"
+                  r"|(^|/)attn/Wqkv$|(^|/)mlp/Wo$",
       adapter_size=64,
       prefix_length=16,
       prompt_length=16,

@@ -157,8 +157,9 @@ class TrainBatcher:
     n = self.num_examples = len(enc)
     self.steps_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
     if self.steps_per_epoch == 0:
-      raise ValueError(f"{n} training examples make no full batch of {batch_size}. Fix: lower the "
-                       "batch size, use more data, or pass drop_remainder=False.")
+      raise ValueError(f"{n} training examples make no full batch of {batch_size}. Fix: lower "
+                       "train.batch_size, or train on more examples (data.max_train_examples, "
+                       "data.labeled_per_class); in code, drop_remainder=False.")
     lengths = enc.lengths
     self._bucket = np.searchsorted(np.asarray(self.boundaries), lengths, side="left")
     if len(lengths) and self._bucket.max() >= len(self.boundaries):

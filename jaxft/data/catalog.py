@@ -1,5 +1,8 @@
 """The registry of tasks and their local-file layouts (lookup and loading: `jaxft.data.tasks`).
 
+With data.data_dir unset, a task without packaged data reads <data root>/<its data_folder> when that
+folder exists (`tasks.data_root()`: $JAXFT_DATA, else ../shared/data): glue, conll2003, ag_news.
+
 | task | kind | local source (data.data_dir) | hub |
 | --- | --- | --- | --- |
 | cola sst2 mrpc stsb qqp mnli qnli rte wnli | GLUE | <dir>/<TASK>/{train,dev}.tsv | nyu-mll/glue |
@@ -129,7 +132,7 @@ for _name, (_f, _h, _t, _l, _tt, _labels, _hub_cols) in _GLUE.items():
       name=_name, kind="regression" if _name == "stsb" else "classification",
       label_names=_labels, metric_names=_metrics, main_metric=_main, text_columns=_hub_cols,
       description=f"GLUE {_f}" + (" (validation = dev_matched)" if _name == "mnli" else ""),
-      read_local=_glue_reader(_name),
+      read_local=_glue_reader(_name), data_folder="glue",
       hub=HubSpec("nyu-mll/glue", _name, _hub_cols,
                   splits=(("validation", "validation_matched"),) if _name == "mnli" else ())))
 
@@ -186,7 +189,7 @@ def _wnut16_reader(data_dir: pathlib.Path, split: str) -> Examples:
 
 register(Task("conll2003", "token_classification", CONLL_LABELS, _NER_METRICS, "entity_f1",
               ("tokens",), "CoNLL-2003 English NER (IOB1 tags as released; scored like conlleval)",
-              read_local=_conll2003_reader,
+              read_local=_conll2003_reader, data_folder="conll2003",
               hub=HubSpec("eriktks/conll2003", None, ("tokens",), "ner_tags",
                           revision="refs/convert/parquet")))
 register(Task("wnut16", "token_classification", WNUT16_LABELS, _NER_METRICS, "entity_f1",
@@ -291,7 +294,7 @@ register(Task("bbc_news", "classification", BBC_LABELS, *_CLS, ("text",),
               default_dir=lambda: assets.fetch("bbc-news"),
               notes="bbc_news: no official split; train/validation are a seeded 80/20 split"))
 register(Task("ag_news", "classification", AG_LABELS, *_CLS, ("text",),
-              "AG News topics (4 classes)", read_local=_ag_reader,
+              "AG News topics (4 classes)", read_local=_ag_reader, data_folder="ag_news",
               hub=HubSpec("fancyzhx/ag_news", None, ("text",), splits=(("validation", "test"),)),
               notes="ag_news: with test.csv alone, train/validation are a seeded 80/20 split of "
                     "the official test set, so scores are not comparable to published ones"))

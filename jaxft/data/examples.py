@@ -98,6 +98,7 @@ class Task:
   description: str = ""
   read_local: Callable[[pathlib.Path, str], Examples] | None = None
   default_dir: Callable[[], pathlib.Path] | None = None
+  data_folder: str = ""  # its folder under the data root (jaxft.data.tasks.data_root), e.g. "glue"
   hub: HubSpec | None = None
   notes: str = ""  # said once when the task loads (e.g. "validation carved from train")
 

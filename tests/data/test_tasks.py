@@ -90,6 +90,19 @@ def test_conll2003_counts_and_iob1_entities(shared_data):
                          "INNINGS", "VICTORY", "."]
 
 
+def test_conll2003_test_split_and_a_file_in_its_format(shared_data, tmp_path):
+  """The test split is eng.testb where the folder has it (`jaxft eval --split test`); any CoNLL
+  file scores as `jaxft eval --file` with the task's tag set."""
+  head = "\n".join((shared_data / "conll2003" / "eng.testa").read_text().split("\n")[:200])
+  for name in ("eng.train", "eng.testa", "eng.testb"):
+    (tmp_path / name).write_text(head)
+  info, out = tasks.load(cfg(name="conll2003", data_dir=str(tmp_path)),
+                         ["test", tasks.file_split(tmp_path / "eng.testb")])
+  assert out["test"].source.endswith("eng.testb") and len(out["test"]) > 0
+  assert out[tasks.file_split(tmp_path / "eng.testb")].labels == out["test"].labels
+  assert info.num_labels == 9
+
+
 def test_packaged_and_carved_splits(shared_data):
   sizes = {}
   for name, data_dir in (("mr", ""), ("mr", str(shared_data / "mr")), ("bbc_news", ""),

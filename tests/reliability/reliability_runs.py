@@ -7,11 +7,14 @@ compile. One uninterrupted run (`reference`) is shared by every test that compar
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -45,19 +48,22 @@ def load_config(model_dir, **extra):
                          config_lib.parse_overrides(overrides(model_dir, **extra)))
 
 
-def compile_cache_env(cache_dir) -> dict:
-  """Environment that makes runs share JAX's persistent compilation cache in cache_dir: the second
-  run of a command loads the first one's executables instead of compiling them again."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+# The runs of one test session share JAX's persistent compilation cache: a command run again (the
+# resumed half of a kill test) loads the executables its first run compiled instead of compiling
+# them again. A loaded executable is the same program, so results stay bitwise those of a fresh
+# compile (the resume tests compare exactly that).
+COMPILE_CACHE = pathlib.Path(tempfile.mkdtemp(prefix="jaxft-test-jax-cache-"))
+atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+COMPILE_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": str(COMPILE_CACHE),
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def start(argv, log_path, python_code: str | None = None, env: dict | None = None
           ) -> subprocess.Popen:
-  """Starts `python -m jaxft <argv>` (or `python -c python_code <argv>`), output into log_path;
-  env: extra environment variables."""
-  env = {**os.environ, **(env or {})}
+  """Starts `python -m jaxft <argv>` (or `python -c python_code <argv>`), output into log_path,
+  with the session's compilation cache; env: extra environment variables."""
+  env = {**os.environ, **COMPILE_CACHE_ENV, **(env or {})}
   env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
   head = ["-c", python_code] if python_code else ["-m", "jaxft"]

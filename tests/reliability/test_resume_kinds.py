@@ -14,8 +14,8 @@ import signal
 
 import pytest
 
-from reliability_runs import (NUM_STEPS, compile_cache_env, last_train_step, losses_by_step, run,
-                              start, train_argv, wait_until)
+from reliability_runs import (NUM_STEPS, last_train_step, losses_by_step, run, start, train_argv,
+                              wait_until)
 from test_resume import assert_matches_reference, committed_steps, resumed_from
 
 SEMI = dict(data__labeled_per_class=8, data__unlabeled_ratio=2)
@@ -31,16 +31,15 @@ KINDS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_sigkill_at_a_random_step_resumes_bitwise(kind, tiny_model, tmp_path):
-  env = compile_cache_env(tmp_path / "jax_cache")
   argv = lambda workdir: train_argv(workdir, tiny_model, **KINDS[kind])
   reference = tmp_path / "reference"
-  run(argv(reference), tmp_path / "reference.txt", env=env)
+  run(argv(reference), tmp_path / "reference.txt")
   assert last_train_step(reference) == NUM_STEPS
 
   kill_after = random.randint(3, NUM_STEPS - 4)
   workdir = tmp_path / "run"
   log_path = tmp_path / "killed.txt"
-  proc = start(argv(workdir), log_path, env=env)
+  proc = start(argv(workdir), log_path)
   wait_until(lambda: last_train_step(workdir) >= kill_after and committed_steps(workdir), proc,
              log_path, what=f"step {kill_after} and a committed checkpoint")
   proc.send_signal(signal.SIGKILL)
@@ -50,6 +49,6 @@ def test_sigkill_at_a_random_step_resumes_bitwise(kind, tiny_model, tmp_path):
   ref = losses_by_step(reference)
   assert losses_by_step(workdir) == {s: ref[s] for s in range(1, killed_at + 1)}
 
-  log = run(argv(workdir), tmp_path / "resumed.txt", env=env)
+  log = run(argv(workdir), tmp_path / "resumed.txt")
   assert resumed_from(log) <= killed_at, kill_after
   assert_matches_reference(workdir, reference)

@@ -1,5 +1,6 @@
 """No trap, no silent loss: a failed start leaves nothing that blocks the fixed command, a finished
-run is never touched by a refused one, `jaxft eval --split` scores any split of the task, and
+run is never touched by a refused one, `jaxft eval --split` scores any split of the task (and
+`--file` a local file in its format),
 `jaxft export --adapter-only` writes every trained leaf and loads back onto the base model bitwise.
 
 One real tiny run (2-layer, 32-wide BERT, lora+bitfit, 2 steps) through `jaxft.cli.main`; the other
@@ -85,6 +86,14 @@ def test_failed_start_leaves_nothing_and_never_touches_a_finished_run(tmp_path, 
   assert set(scored) >= {"accuracy", "f1"}
   assert (workdir / "eval_test_best.json").exists()
   assert "newly initialized" not in caplog.text
+  # --file scores a local file in the task's format: the same rows give the same metrics.
+  assert cli.main(["eval", "--workdir", str(workdir), "--file", str(tmp_path / "test.csv")]) == 0
+  assert json.loads(capsys.readouterr().out) == scored
+  assert (workdir / "eval_file_test_best.json").exists()
+  (tmp_path / "other.csv").write_text("review,label\nfine,good\n")
+  assert cli.main(["eval", "--workdir", str(workdir), "--file", str(tmp_path / "other.csv")]) == 2
+  err = capsys.readouterr().err
+  assert "jaxft eval: error: " in err and "no column 'text'" in err and "Traceback" not in err
 
   # --adapter-only: every trained leaf (LoRA and BitFit's biases and the head), the method and its
   # options recorded; loading it onto the base model rebuilds the evaluated weights bitwise.
