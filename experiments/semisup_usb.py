@@ -2,8 +2,9 @@
 Semi-supervised Learning Benchmark", classic NLP setting), on the data that is available offline.
 
     jaxft train --config experiments/semisup_usb.py:mr_20/fixmatch --workdir workdirs/usb/mr20-fm
-    jaxft table experiments/semisup_usb.py --seeds 3   # the whole grid (rows "mr_20-fixmatch", ...)
+    jaxft table experiments/semisup_usb.py --seeds 3   # "paper": every setting x algorithm
     jaxft table experiments/semisup_usb.py --seeds 3 --only mr_20-supervised,mr_20-fixmatch
+    jaxft table experiments/semisup_usb.py --grid cpu --seeds 1   # MR-100 / MR-20, with controls
 
 arg = "<setting>/<algorithm>":
   setting    labels in total (per class)           data
@@ -32,12 +33,31 @@ have only its test set, so these are the reference shape of the table, not a par
 UDA paper (IMDb, 20 labels): error 43.27 -> 25.23 from random init; 6.50 -> 4.20 with BERT further
 fine-tuned in-domain.
 
+Grid "cpu" (2000 steps of batch 8, 9-13 min a row on 2 CPU cores): MR-100 with every algorithm;
+Noisy Student from the labelled-only run (`self_training.teacher`); two controls trained on a
+`data.pseudo_labels` file with *true* labels: round 1's own 2000 rows, and 2000 random pool rows
+(`true_label_rows` below); FixMatch again logging its pseudo-labels' accuracy
+(`data.unlabeled_label_metrics`); MR-20 labelled-only, FixMatch and Noisy Student. Expected
+(2-core CPU VM, seed 0, 2026-11-27; accuracy %):
+| row | accuracy |
+| mr_100-supervised | 72.26 |
+| mr_100-fixmatch / -uda / -mean_teacher / -pseudo_label | 66.13 / 66.23 / 64.15 / 68.49 |
+| mr_100-self_training (rounds 1, 2) | 72.17, 72.08 |
+| mr_100-true-same-rows / -true-random-rows | 80.28 / 82.08 |
+| mr_20-supervised | 45.75 |
+| mr_20-self_training (rounds 1, 2) | 46.98, 47.55 |
+mr_100-fixmatch-diag reproduces mr_100-fixmatch exactly (66.13): the true labels ride along
+without touching the step.
+
 Strong views: FixMatch and UDA read "unlabeled/strong/..." built by jaxft.data.augment (policy
 "strong": a back-translation column when the data has one, else EDA with WordNet synonyms; or
 "token_strong" on token ids). Mean Teacher and Pi-model fall back to a second dropout pass.
 """
 
+import pathlib
+
 from jaxft.config import base_config
+from jaxft.harness.grid import From, Row
 
 SETTINGS = {  # name -> (data.name, labels per class, max_length)
     "mr_20": ("mr", 10, 64),
@@ -49,9 +69,64 @@ SETTINGS = {  # name -> (data.name, labels per class, max_length)
 ALGORITHMS = ("supervised", "pseudo_label", "mean_teacher", "uda", "fixmatch", "self_training",
               "fully_supervised")
 
-# For `jaxft table`: row "<setting>-<algorithm>" -> get_config arg, and USB's AG News numbers as
-# accuracy (100 - error %); MR and BBC News have no USB column.
-GRID = {f"{s}-{a}": f"{s}/{a}" for s in SETTINGS for a in ALGORITHMS}
+
+
+def true_label_file(config, round_file, out, mode: str = "same") -> dict:
+  """A control for a self-training round: the pool rows the round's teacher chose ("same"), or as
+  many random pool rows ("random"), with their *true* labels, written to `out` as a
+  data.pseudo_labels file for the pool of `config`; returns what it wrote and how often the
+  teacher's labels of those rows were right."""
+  import numpy as np
+
+  from jaxft.data import pipeline, pseudo_labels
+  from jaxft.train.setup import load_tokenizer
+  if mode not in ("same", "random"):
+    raise ValueError(f"mode must be 'same' or 'random', got {mode!r}")
+  data = pipeline.build(config.data, load_tokenizer(config.model.name),
+                        batch_size=int(config.train.batch_size),
+                        eval_batch_size=int(config.train.eval_batch_size), seed=int(config.seed))
+  rows, labels = pseudo_labels.load(round_file, data.unlabeled, data.info.num_labels)
+  truth = np.asarray(data.unlabeled_labels)
+  teacher_accuracy = float(np.mean(labels == truth[rows]))
+  if mode == "random":
+    rows = np.sort(np.random.default_rng(0).choice(len(truth), len(rows), replace=False))
+  pseudo_labels.save(out, data.unlabeled, rows, truth[rows], control=f"true labels, {mode} rows",
+                     of=str(round_file))
+  return {"rows": len(rows), "teacher_label_accuracy": teacher_accuracy,
+          "class_counts": np.bincount(truth[rows]).tolist(), "out": str(out)}
+
+
+def true_label_rows(mode: str):
+  """The From(..., "file") maker of a control row: true_label_file on round 1 of the source run."""
+  def make(source: pathlib.Path, out: pathlib.Path, config) -> dict:
+    return true_label_file(config, pathlib.Path(source) / "pseudo_labels" / "round-1.json", out,
+                           mode)
+  return make
+
+
+def _controls() -> dict:
+  return {f"mr_100-true-{mode}-rows": Row("mr_100/supervised", {"data.pseudo_labels": From(
+      "mr_100-self_training", "file", make=true_label_rows(mode), name=f"true-{mode}-rows.json")})
+      for mode in ("same", "random")}
+
+
+# For `jaxft table`: rows "<setting>-<algorithm>" -> get_config arg (or Row), and USB's AG News
+# numbers as accuracy (100 - error %); MR and BBC News have no USB column.
+GRIDS = {
+    "paper": {f"{s}-{a}": f"{s}/{a}" for s in SETTINGS for a in ALGORITHMS},
+    "cpu": {
+        **{f"mr_100-{a}": f"mr_100/{a}"
+           for a in ("supervised", "fixmatch", "uda", "mean_teacher", "pseudo_label")},
+        "mr_100-self_training": Row("mr_100/self_training",
+                                    {"self_training.teacher": From("mr_100-supervised")}),
+        **_controls(),
+        "mr_100-fixmatch-diag": Row("mr_100/fixmatch", {"data.unlabeled_label_metrics": True}),
+        "mr_20-supervised": "mr_20/supervised",
+        "mr_20-fixmatch": "mr_20/fixmatch",
+        "mr_20-self_training": Row("mr_20/self_training",
+                                   {"self_training.teacher": From("mr_20-supervised")}),
+    },
+}
 _USB_ERROR = {  # algorithm -> (AG-40, AG-200) error %
     "supervised": (15.06, 14.25), "pseudo_label": (19.49, 14.69), "mean_teacher": (15.17, 13.93),
     "uda": (41.0, 53.7), "fixmatch": (30.17, 11.71), "fully_supervised": (5.78, 5.73)}

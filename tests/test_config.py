@@ -60,7 +60,7 @@ def test_experiment_arg_is_checked():
     "experiments/peft_table.py:lora:mr", "experiments/prune_movement.py:movement,0.9,mr",
     "experiments/distill_mpnet_minilm.py:mr,half", "experiments/distill_mpnet_minilm.py:mr,half_alone"])
 def test_cpu_sized_rows_use_the_quickstart_data(spec):
-  """The "mr" rows of the GLUE-sized experiments (experiments/cpu_tables.sh) share the quickstart's
+  """The "mr" rows of the GLUE-sized experiments (their "cpu" grids) share the quickstart's
   data and schedule, so their numbers sit beside its dense baseline."""
   c = config_lib.load(spec)
   assert (c.data.name, c.data.max_length, c.train.batch_size, c.train.num_epochs) == ("mr", 64, 32, 1.0)

@@ -1,7 +1,7 @@
 """The package's layering, read from the source with `ast` (nothing is imported).
 
 Layers, bottom to top: core -> assets -> models -> peft -> data -> objectives -> quant -> train ->
-recipes -> eval -> harness -> cli. Every import counts, including those inside functions: a lazy
+recipes -> eval -> harness -> bench -> cli. Every import counts, including those inside functions: a lazy
 import that closes a cycle is still a cycle, only one that fails later and harder to read.
 `config` is a leaf that reads the objectives registry late, and `eval.metrics` / `eval.robustness`
 serve train/evaluate, so they are placed below train.
@@ -17,7 +17,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxft"
 
 LAYERS = ["core", "assets", "models", "peft", "data", "objectives", "quant", "train", "recipes",
-          "eval", "harness", "cli"]
+          "eval", "harness", "bench", "cli"]
 # Modules whose place is not their folder's.
 PLACED = {"jaxft.eval.metrics": "objectives", "jaxft.eval.robustness": "objectives"}
 # Not in the layer order: version string, `python -m jaxft`, the config leaf.

@@ -4,36 +4,24 @@ true labels (what that much clean data gives). Writes a data.pseudo_labels file 
 pool; train on it with `--config.data.pseudo_labels=OUT`.
 
     python benchmarks/diag/oracle_pseudo_labels.py experiments/semisup_usb.py:mr_100/supervised \
-        workdirs/cpu/usb-mr100-self_training/pseudo_labels/round-1.json OUT.json [random]
+        workdirs/semisup_usb/cpu/mr_100-self_training/seed0/pseudo_labels/round-1.json OUT.json [random]
 
-The README's self-training paragraph quotes the runs (MR-100, 2-core CPU VM).
+`jaxft table experiments/semisup_usb.py --grid cpu` builds the same controls as its rows
+mr_100-true-{same,random}-rows (experiments/semisup_usb.py:true_label_file).
 """
 
 import json
+import pathlib
 import sys
 
-import numpy as np
+from jaxft.config import load, load_module
 
-from jaxft.config import load
-from jaxft.data import pipeline, pseudo_labels
-from jaxft.train.setup import load_tokenizer
+EXPERIMENT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "semisup_usb.py"
 
 
 def control_file(c, round_file, out, mode="same") -> dict:
   """Writes the control for config `c`'s pool to `out`; returns what it printed."""
-  data = pipeline.build(c.data, load_tokenizer(c.model.name), batch_size=int(c.train.batch_size),
-                        eval_batch_size=int(c.train.eval_batch_size), seed=int(c.seed))
-  rows, labels = pseudo_labels.load(round_file, data.unlabeled, data.info.num_labels)
-  truth = np.asarray(data.unlabeled_labels)
-  teacher_accuracy = float(np.mean(labels == truth[rows]))
-  if mode == "random":
-    rows = np.sort(np.random.default_rng(0).choice(len(truth), len(rows), replace=False))
-  elif mode != "same":
-    raise ValueError(f"mode must be 'same' or 'random', got {mode!r}")
-  pseudo_labels.save(out, data.unlabeled, rows, truth[rows], control=f"true labels, {mode} rows",
-                     of=str(round_file))
-  return {"rows": len(rows), "teacher_label_accuracy": teacher_accuracy,
-          "class_counts": np.bincount(truth[rows]).tolist(), "out": str(out)}
+  return load_module(EXPERIMENT).true_label_file(c, round_file, out, mode)
 
 
 def main(spec, round_file, out, mode="same"):

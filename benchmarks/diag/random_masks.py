@@ -5,8 +5,8 @@ time. Also prints how many of the largest 0.1% of weights (by |W|) each mask rem
 third argument N, it adds the first-order (Taylor) ranking that movement pruning's scores
 approximate, computed directly: S = sum over N training batches of -dL/dW * W (no optimizer).
 
-    python benchmarks/diag/random_masks.py workdirs/cpu/baseline [0.13,0.26,0.5]
-    python benchmarks/diag/random_masks.py workdirs/cpu/prune-movement-0.9-3ep 0.1,0.2,0.3 50
+    python benchmarks/diag/random_masks.py workdirs/prune_movement/cpu/dense/seed0 [0.13,0.26,0.5]
+    python benchmarks/diag/random_masks.py workdirs/prune_movement/cpu/movement-0.9-3ep/seed0 0.1,0.2,0.3 50
 
 The README's pruning paragraph quotes it (MiniLM-L6 on MR, 2-core CPU VM). The workdir's restored
 checkpoint is its best one; for a movement run whose best evaluation came before masking began,

@@ -5,6 +5,10 @@ For values x_1..x_n of one metric over n seeds:
   95% bootstrap interval (Efron & Tibshirani 1993, percentile method): draw B = 10,000 resamples of
   size n with replacement from a seeded generator, take each resample's mean, report the 2.5th and
   97.5th percentiles of those means. The generator is seeded so a table is reproducible bit for bit.
+
+Units: papers write accuracy 92.23 where jaxft's metrics are 0.9223. With units="auto" a metric is
+shown x100 when all our values lie in [-1, 1] and it is a fraction (accuracy, F1, MCC, correlation,
+sparsity, ...: `is_fraction`) or the paper gives it above 1.5; counts and rates stay as they are.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -76,15 +80,38 @@ def scale(summary: Summary, factor: float) -> Summary:
 
 
 def read_results(workdir: str | pathlib.Path) -> dict | None:
-  """<workdir>/results.json as a dict, or None if the run has not finished."""
-  path = pathlib.Path(workdir) / "results.json"
+  """<workdir>/results.json as a dict, or None if the run has not finished. Evaluations of the
+  finished run (`jaxft eval` writes eval_<split>_<which>.json) join it under their file's stem,
+  e.g. results["eval_validation_best"]["robustness"]."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / "results.json"
   if not path.is_file():
     return None
-  return json.loads(path.read_text())
+  results = json.loads(path.read_text())
+  for extra in sorted(workdir.glob("eval_*.json")):
+    results.setdefault(extra.stem, json.loads(extra.read_text()))
+  return results
+
+
+def lookup(tree: Mapping, path: str):
+  """tree["a"]["b/c"]... for the path "a/b/c": keys may themselves hold "/" ("sparsity/total",
+  "pgd_l2/1.0/accuracy"), so at each level the longest matching key wins. None if absent."""
+  if path in tree:
+    return tree[path]
+  parts = path.split("/")
+  for i in range(len(parts) - 1, 0, -1):
+    head = "/".join(parts[:i])
+    if isinstance(tree.get(head), Mapping):
+      found = lookup(tree[head], "/".join(parts[i:]))
+      if found is not None:
+        return found
+  return None
 
 
 def metric_of(results: dict, metric: str | None = None, which: str = "eval") -> tuple[str, float]:
-  """(name, value) of `metric` (default: the run's main_metric) from results[which].
+  """(name, value) of `metric` (default: the run's main_metric) from results[which], else from the
+  results' other numbers by path: "trainable_params", "train_examples_per_s",
+  "last_train/sparsity/total", "eval_validation_best/robustness/pgd/pgd_l2/1.0/accuracy", ...
 
   which: "eval" (metrics at the end of training) or "best" (at the best eval by the main metric).
   """
@@ -92,10 +119,23 @@ def metric_of(results: dict, metric: str | None = None, which: str = "eval") -> 
     raise ValueError(f"which must be 'eval' or 'best', got {which!r}")
   name = metric or results.get("main_metric")
   block = results.get(which) or {}
-  if name not in block:
-    raise KeyError(f"metric {name!r} not in results[{which!r}] of {results.get('experiment')!r} "
-                   f"seed {results.get('seed')}; it has {sorted(block)}. Pass --metric with one of them")
-  return name, float(block[name])
+  if name in block:
+    return name, float(block[name])
+  value = lookup(results, name) if name else None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return name, float(value)
+  raise KeyError(f"metric {name!r} not in results[{which!r}] of {results.get('experiment')!r} "
+                 f"seed {results.get('seed')}; it has {sorted(block)} (or give a path into "
+                 "results.json such as trainable_params). Pass --metric with one of them")
+
+
+FRACTION_WORDS = ("accuracy", "f1", "mcc", "pearson", "spearman", "precision", "recall",
+                  "sparsity", "average", "forgetting")
+
+
+def is_fraction(metric: str) -> bool:
+  """Whether a metric name (or path) names a number in [0, 1] (or [-1, 1]) that papers print x100."""
+  return any(word in part for part in metric.lower().split("/") for word in FRACTION_WORDS)
 
 
 @dataclasses.dataclass
@@ -107,49 +147,73 @@ class Cell:
   summary: Summary
   paper: float | None = None
   scale: float = 1.0  # what our raw values were multiplied by to match the paper's units
+  primary: bool = True  # the row's main metric or one the paper gives (False: a METRICS column)
 
   @property
   def diff(self) -> float | None:
     return None if self.paper is None else self.summary.mean - self.paper
 
 
-def auto_scale(raws: Sequence[Summary], papers: Sequence[float | None]) -> float:
-  """100 when the paper reports percent (some |paper| > 1.5) and all our values are fractions
-  (every |x| <= 1), else 1. Papers write accuracy 92.23 where jaxft's metrics are 0.9223; one
-  factor for the whole table keeps rows comparable and the bars on one axis."""
-  if not any(p is not None and abs(p) > 1.5 for p in papers):
-    return 1.0
-  if all(abs(v) <= 1.0 for r in raws for v in r.values):
-    return 100.0
-  return 1.0
+def _metric_list(metric) -> list[str]:
+  if not metric:
+    return []
+  if isinstance(metric, str):
+    return [m.strip() for m in metric.split(",") if m.strip()]
+  return list(metric)
 
 
 def build_cells(results_by_row: dict[str, list[dict]], paper: dict | None = None,
-                metric: str | None = None, which: str = "eval", units: str = "auto",
-                seed: int = BOOTSTRAP_SEED) -> list[Cell]:
+                metric: str | Sequence[str] | None = None, which: str = "eval",
+                units: str = "auto", seed: int = BOOTSTRAP_SEED,
+                extra: Mapping[str, str] | Sequence[str] | None = None) -> list[Cell]:
   """{row: [results.json dicts over seeds]} -> cells, in row order.
 
-  Metrics per row: `metric` if given; else the row's main metric, then any other metric the paper
-  dict names for that row (e.g. MRPC F1 and accuracy). units: "auto" (see auto_scale), "raw" or
-  "percent" (multiply by 100).
+  Metrics per row: `metric` (a name, or several comma-separated) if given; else the row's main
+  metric, then any other metric the paper dict names for that row (e.g. MRPC F1 and accuracy),
+  then `extra` ({label: metric path} or paths: the experiment's METRICS columns, left out for a
+  row whose runs lack them). units: "auto" (see the module docstring), "raw" or "percent"
+  (multiply every metric by 100).
   """
   if units not in ("auto", "raw", "percent"):
     raise ValueError(f"units must be auto, raw or percent, got {units!r}")
   paper = paper or {}
-  raw_cells = []
+  extra_items = list(extra.items()) if isinstance(extra, Mapping) else [(m, m) for m in extra or ()]
+  raw_cells, paths = [], {}
   for row, results in results_by_row.items():
     if not results:
       continue
-    if metric:
-      names = [metric]
+    asked = _metric_list(metric)
+    if asked:
+      names = [(m, m, True) for m in asked]
     else:
-      names = [metric_of(results[0], None, which)[0]]
-      names += [m for (r, m) in paper if r == row and m not in names]
-    for name in names:
-      values = [metric_of(r, name, which)[1] for r in results]
-      raw_cells.append((row, name, summarize(values, seed=seed), paper.get((row, name))))
-  factor = {"raw": 1.0, "percent": 100.0}.get(units)
-  if factor is None:
-    factor = auto_scale([c[2] for c in raw_cells], [c[3] for c in raw_cells])
-  return [Cell(row=row, metric=name, summary=scale(raw, factor) if factor != 1 else raw,
-               paper=ref, scale=factor) for row, name, raw, ref in raw_cells]
+      main = metric_of(results[0], None, which)[0]
+      names = [(main, main, True)]
+      names += [(m, m, True) for (r, m) in paper if r == row and m != main]
+      names += [(label, path, False) for label, path in extra_items
+                if label not in {n for n, _, _ in names}]
+    for label, path, primary in names:
+      if not primary:
+        try:
+          values = [metric_of(r, path, which)[1] for r in results]
+        except KeyError:
+          continue  # a METRICS column this row does not have (e.g. sparsity of a dense run)
+      else:
+        values = [metric_of(r, path, which)[1] for r in results]
+      raw_cells.append((row, label, summarize(values, seed=seed), paper.get((row, label)), primary))
+      paths[label] = path
+  factors = {}  # one factor per metric, so a column is in one unit and its bars on one axis
+  for _, label, raw, _, _ in raw_cells:
+    if label in factors:
+      continue
+    if units != "auto":
+      factors[label] = 100.0 if units == "percent" else 1.0
+      continue
+    mine = [c[2] for c in raw_cells if c[1] == label]
+    papers = [c[3] for c in raw_cells if c[1] == label]
+    in_range = all(abs(v) <= 1.0 for r in mine for v in r.values)
+    percent_paper = any(p is not None and abs(p) > 1.5 for p in papers)
+    named = is_fraction(label) or is_fraction(paths[label])
+    factors[label] = 100.0 if in_range and (named or percent_paper) else 1.0
+  return [Cell(row=row, metric=label, summary=scale(raw, factors[label]) if factors[label] != 1
+               else raw, paper=ref, scale=factors[label], primary=primary)
+          for row, label, raw, ref, primary in raw_cells]

@@ -64,11 +64,41 @@ def test_cells_scale_to_percent_and_diff_against_paper():
   assert cells[2].summary.mean == pytest.approx(86.0) and cells[2].diff == pytest.approx(86 - 88.97)
   best = aggregate.build_cells(rows, paper, which="best", units="raw")
   assert best[0].summary.mean == pytest.approx(0.66)
-  assert aggregate.auto_scale([cells[0].summary], [None]) == 1.0  # no paper in percent
   loss = {"rte": [{"main_metric": "loss", "eval": {"loss": 1.7}}]}
   assert aggregate.build_cells(loss, {("rte", "loss"): 2.0})[0].scale == 1.0  # not a fraction
   with pytest.raises(KeyError, match="not in results"):
     aggregate.build_cells(rows, metric="mcc")
+
+
+def test_metric_paths_extra_columns_and_units_per_metric():
+  def run(seed, acc, params, sparsity=None, pgd=None):
+    r = {"main_metric": "accuracy", "seed": seed, "eval": {"accuracy": acc}, "best": {},
+         "trainable_params": params, "last_train": {"step": 9}}
+    if sparsity is not None:
+      r["last_train"]["sparsity/total"] = sparsity
+    if pgd is not None:
+      r["eval_validation_best"] = {"robustness": {"pgd": {"pgd_l2/1/accuracy": pgd}}}
+    return r
+
+  assert aggregate.lookup({"a": {"pgd_l2/1/accuracy": 0.5}}, "a/pgd_l2/1/accuracy") == 0.5
+  assert aggregate.lookup({"a": {"b": 1}}, "a/c") is None
+  rows = {"dense": [run(0, 0.80, 1000), run(1, 0.82, 1000)],
+          "pruned": [run(0, 0.70, 1000, 0.9, 0.4), run(1, 0.72, 1000, 0.9, 0.5)]}
+  extra = {"sparsity": "last_train/sparsity/total", "params": "trainable_params",
+           "PGD eps 1": "eval_validation_best/robustness/pgd/pgd_l2/1/accuracy"}
+  cells = aggregate.build_cells(rows, extra=extra)
+  got = {(c.row, c.metric): c for c in cells}
+  # no paper at all: accuracy, sparsity and robust accuracy are still fractions -> percent
+  assert got["dense", "accuracy"].summary.mean == pytest.approx(81.0)
+  assert got["pruned", "sparsity"].summary.mean == pytest.approx(90.0, rel=1e-6)
+  assert got["pruned", "PGD eps 1"].summary.values == pytest.approx((40.0, 50.0))
+  assert got["dense", "params"].scale == 1 and got["dense", "params"].summary.mean == 1000
+  assert ("dense", "sparsity") not in got  # a column the dense runs lack is left out
+  assert [c.primary for c in cells if c.row == "dense"] == [True, False]
+  assert aggregate.metric_of(rows["dense"][0], "trainable_params") == ("trainable_params", 1000.0)
+  two = aggregate.build_cells(rows, metric="accuracy,trainable_params", units="raw")
+  assert [(c.row, c.metric) for c in two][:2] == [("dense", "accuracy"), ("dense", "trainable_params")]
+  assert aggregate.is_fraction("entity_f1") and not aggregate.is_fraction("learning_rate")
 
 
 def test_tables_markdown_latex_csv(tmp_path):

@@ -1,21 +1,28 @@
-"""The grid runner: planning, resume after a kill without redoing finished runs, the table CLI."""
+"""The grid runner's planning and bookkeeping: grids and rows, From inputs, seeds, failures,
+docs assembly. The real end-to-end runs (tables, reuse, a killed run) are test_tables_real.py."""
 
 import argparse
 import json
-import pathlib
 import textwrap
 
 import pytest
 
-from jaxft import config as config_lib
 from jaxft.harness import cli as harness_cli
-from jaxft.harness import grid
+from jaxft.harness import docs, grid
 
 EXPERIMENT = textwrap.dedent('''
-    """A two-row test grid."""
+    """A test grid: a teacher and a student of it; a second grid of two batch sizes."""
     from jaxft.config import base_config
+    from jaxft.harness.grid import From, Row
 
-    GRID = {"small": "8", "large": "16"}
+    GRIDS = {
+        "paper": {"small": "8", "large": "16"},
+        "cpu": {"teacher": "8",
+                "student": Row("8", {"distill.teacher": From("teacher", "export"),
+                                     "train.learning_rate": 1e-3, "model.remat": True},
+                               evaluate={"int8": True}),
+                "other": "16"},
+    }
     PAPER = {("small", "accuracy"): 80.0}
     SEARCH = {"train.learning_rate": ("log_uniform", 1e-5, 1e-3),
               "train.batch_size": ("choice", [8, 16])}
@@ -33,32 +40,6 @@ def experiment(tmp_path):
   path = tmp_path / "toy.py"
   path.write_text(EXPERIMENT)
   return path
-
-
-class FakeRun:
-  """Stands in for train_and_evaluate: writes config.json first (as the loop does), then metrics
-  and results; `kill_at` raises KeyboardInterrupt inside that call, after config.json exists."""
-
-  def __init__(self, kill_at=None):
-    self.calls = []
-    self.kill_at = kill_at
-
-  def __call__(self, config, workdir):
-    wd = pathlib.Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    (wd / "config.json").write_text(config_lib.to_json(config))
-    self.calls.append(f"{wd.parent.name}/{wd.name}")
-    if self.kill_at is not None and len(self.calls) == self.kill_at:
-      raise KeyboardInterrupt("killed")
-    acc = 0.5 + 0.01 * config.seed + 0.001 * config.train.batch_size
-    with open(wd / "metrics.jsonl", "a") as f:
-      for step in (1, 2, 3, 4):
-        f.write(json.dumps({"kind": "train", "step": step, "time": 0.0, "loss": 1.0 / step}) + "\n")
-      f.write(json.dumps({"kind": "eval", "step": 4, "time": 0.0, "eval/accuracy": acc}) + "\n")
-    results = {"experiment": config.experiment, "seed": config.seed, "main_metric": "accuracy",
-               "eval": {"accuracy": acc}, "best": {"accuracy": acc}}
-    (wd / "results.json").write_text(json.dumps(results))
-    return results
 
 
 def test_plan_names_workdirs_and_sets_seeds(experiment, tmp_path):
@@ -80,26 +61,50 @@ def test_plan_names_workdirs_and_sets_seeds(experiment, tmp_path):
     grid.plan(experiment, rows, [0], tmp_path, [("seed", "3")])
 
 
-def test_killed_grid_resumes_without_redoing_finished_runs(experiment, tmp_path):
+def test_grids_are_chosen_by_name_and_rows_take_values_from_earlier_rows(experiment, tmp_path):
   module = grid.load_module(experiment)
-  runs = grid.plan(experiment, grid.grid_of(module, experiment), [0, 1, 2], tmp_path)
-  assert len(runs) == 6
-  first = FakeRun(kill_at=4)
-  with pytest.raises(KeyboardInterrupt):
-    grid.run_grid(runs, run_fn=first)
-  assert first.calls == ["small/seed0", "small/seed1", "small/seed2", "large/seed0"]
-  assert [r.status() for r in runs] == ["done"] * 3 + ["partial", "new", "new"]
+  assert list(grid.grid_of(module, experiment)) == ["small", "large"]  # the first grid
+  assert grid.grid_name(module, experiment, "") == "paper"
+  with pytest.raises(KeyError, match="declares the grids paper, cpu"):
+    grid.grid_of(module, experiment, "gpu")
+  cpu = grid.grid_of(module, experiment, "cpu")
+  # --only student brings its teacher along, in grid order
+  assert list(grid.select_rows(cpu, ["student"])) == ["teacher", "student"]
+  root = tmp_path / "root"
+  runs = grid.plan(experiment, grid.select_rows(cpu, ["student"]), [1], root,
+                   [("train.learning_rate", "5e-4")])
+  student = runs[1]
+  assert student.overrides == [("distill.teacher", str(root / "teacher/seed1/export")),
+                               ("train.learning_rate", "0.001"), ("model.remat", "true"),
+                               ("train.learning_rate", "5e-4"), ("seed", "1")]
+  cfg = student.config()  # the command line comes last and wins
+  assert cfg.distill.teacher == str(root / "teacher/seed1/export") and cfg.model.remat is True
+  assert cfg.train.learning_rate == 5e-4
+  assert [i.source_workdir for i in student.inputs] == [root / "teacher/seed1"]
+  assert student.evaluate == {"int8": True}
+  assert student.eval_file() == root / "student/seed1/eval_validation_best.json"
+  with pytest.raises(RuntimeError, match="takes export of teacher/seed1, which has not finished"):
+    student.prepare()
 
-  second = FakeRun()
-  out = grid.run_grid(runs, run_fn=second)
-  # only the killed run (resumed on its own workdir) and the two never started ones run again
-  assert second.calls == ["large/seed0", "large/seed1", "large/seed2"]
-  assert [r["seed"] for r in out["small"]] == [0, 1, 2]
-  assert [r["eval"]["accuracy"] for r in out["large"]] == pytest.approx([0.516, 0.526, 0.536])
 
-  third = FakeRun()
-  grid.run_grid(runs, run_fn=third)
-  assert third.calls == []
+def test_grids_are_checked(tmp_path):
+  def load(body):
+    path = tmp_path / "bad.py"
+    path.write_text("from jaxft.harness.grid import From, Row\n" + textwrap.dedent(body))
+    return grid.grids_of(grid.load_module(path), path)
+
+  with pytest.raises(ValueError, match="defines GRID; jaxft table reads GRIDS"):
+    load('GRID = {"a": "x"}')
+  with pytest.raises(ValueError, match="defines no GRIDS"):
+    load("X = 1")
+  with pytest.raises(ValueError, match="plain directory name"):
+    load('GRIDS = {"cpu": {"a/b": "x"}}')
+  with pytest.raises(ValueError, match="not an earlier row"):
+    load('GRIDS = {"cpu": {"s": Row("x", {"distill.teacher": From("t", "export")}), "t": "x"}}')
+  with pytest.raises(ValueError, match="what is one of"):
+    load('GRIDS = {"cpu": {"s": Row("x", {"a.b": From("t", "model")})}}')
+  with pytest.raises(ValueError, match="a file needs make"):
+    load('GRIDS = {"cpu": {"s": Row("x", {"a.b": From("t", "file")})}}')
 
 
 def test_keep_going_reports_failures_and_continues(experiment, tmp_path):
@@ -111,7 +116,9 @@ def test_keep_going_reports_failures_and_continues(experiment, tmp_path):
     calls.append(config.train.batch_size)
     if config.train.batch_size == 8:
       raise RuntimeError("out of memory")
-    return FakeRun()(config, workdir)
+    workdir.mkdir(parents=True)
+    (workdir / "results.json").write_text(json.dumps(
+        {"main_metric": "accuracy", "eval": {"accuracy": 0.5}, "best": {"accuracy": 0.5}}))
 
   out = grid.run_grid(runs, run_fn=flaky, keep_going=True)
   assert calls == [8, 16] and out["small"] == [] and len(out["large"]) == 1
@@ -119,35 +126,42 @@ def test_keep_going_reports_failures_and_continues(experiment, tmp_path):
     grid.run_grid(runs, run_fn=flaky)
 
 
-def test_table_cli_writes_tables_and_plots(experiment, tmp_path, monkeypatch, capsys):
-  root = tmp_path / "root"
-  fake = FakeRun()
-  monkeypatch.setattr(grid, "default_run_fn", fake)
-  args = argparse.Namespace(experiment=str(experiment))
-  rc = harness_cli.main(args, ["--seeds", "2", "--workdir-root", str(root),
-                               "--config.train.num_steps=3"])
-  assert rc == 0 and len(fake.calls) == 4
-  for name in ("table.md", "table.tex", "table.csv", "curves.png", "bars.png"):
-    assert (root / name).stat().st_size > 0, name
-  assert (root / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  md = (root / "table.md").read_text()
-  small = [l for l in md.splitlines() if l.startswith("| small")][0]
-  # seeds 0, 1 at batch 8: 0.508, 0.518 -> x100 (paper in percent): 51.30 +/- 0.71, diff -28.70
-  assert "51.30 ± 0.71" in small and "80.00" in small and "-28.70" in small
-  cfg = json.loads((root / "large/seed1/config.json").read_text())
-  assert cfg["train"]["num_steps"] == 3 and cfg["seed"] == 1
-
-  capsys.readouterr()
-  assert harness_cli.main(args, ["--seeds", "3", "--workdir-root", str(root), "--dry-run"]) == 0
-  listing = capsys.readouterr().out.splitlines()
-  assert [l.split()[0] for l in listing] == ["done", "done", "new", "done", "done", "new"]
-  assert len(fake.calls) == 4
-
-
 def test_cli_rejects_bad_override_before_running(experiment, tmp_path, monkeypatch):
-  fake = FakeRun()
-  monkeypatch.setattr(grid, "default_run_fn", fake)
+  calls = []
+  monkeypatch.setattr(grid, "default_run_fn", lambda config, workdir: calls.append(workdir))
   args = argparse.Namespace(experiment=str(experiment))
   with pytest.raises(KeyError, match="learning_rat"):
     harness_cli.main(args, ["--workdir-root", str(tmp_path), "--config.train.learning_rat=1"])
-  assert fake.calls == []
+  with pytest.raises(KeyError, match="--grid 'gpu'"):
+    harness_cli.main(args, ["--grid", "gpu", "--workdir-root", str(tmp_path)])
+  assert calls == []
+
+
+def test_docs_refreshes_marked_tables_and_keeps_the_prose(tmp_path):
+  folder = tmp_path / "tables" / "toy" / "cpu"
+  folder.mkdir(parents=True)
+  (folder / "table.md").write_text("### toy, grid cpu\n\n| row | metric |\n| --- | --- |\n| a | b |\n")
+  (folder / "table.json").write_text(json.dumps({
+      "command": "jaxft table experiments/toy.py --grid cpu --seeds 2", "machine": "Linux x86_64",
+      "devices": ["1 x cpu"], "runs_finished": ["2026-11-27", "2026-11-28"],
+      "runs": {"finished": 4, "planned": 4}}))
+  (folder / "bars.png").write_bytes(b"\x89PNG")
+  doc = tmp_path / "results.md"
+  doc.write_text("# Results\n\nprose before\n<!-- jaxft-table tables/toy/cpu -->\nold table\n"
+                 "<!-- /jaxft-table -->\nprose after\n")
+  assert docs.assemble(doc) == ["tables/toy/cpu"]
+  text = doc.read_text()
+  assert text.startswith("# Results\n\nprose before\n<!-- jaxft-table tables/toy/cpu -->\n")
+  assert text.endswith("<!-- /jaxft-table -->\nprose after\n") and "old table" not in text
+  assert "- command: `jaxft table experiments/toy.py --grid cpu --seeds 2`\n" in text
+  assert "- machine: Linux x86_64 (1 x cpu)\n" in text
+  assert "- runs finished 2026-11-27 to 2026-11-28 (4 of 4 runs)\n" in text
+  assert "| a | b |" in text and "### toy" not in text
+  assert "![bars](tables/toy/cpu/bars.png)" in text and "curves.png" not in text
+  assert docs.assemble(doc) == ["tables/toy/cpu"] and doc.read_text() == text  # idempotent
+  doc.write_text("<!-- jaxft-table tables/none -->\n<!-- /jaxft-table -->\n")
+  with pytest.raises(FileNotFoundError, match="publish the table first"):
+    docs.assemble(doc)
+  doc.write_text("<!-- jaxft-table tables/toy/cpu -->\n")
+  with pytest.raises(ValueError, match="has no <!-- /jaxft-table -->"):
+    docs.assemble(doc)

@@ -22,7 +22,7 @@ def spec(tmp_path):
   path = tmp_path / "exp.py"
   path.write_text(textwrap.dedent('''
       from jaxft.config import base_config
-      GRID = {"mr": ""}
+      GRIDS = {"cpu": {"mr": None}}
       def get_config(arg=None):
         return base_config()
   '''))

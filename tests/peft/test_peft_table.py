@@ -18,16 +18,16 @@ def load(arg):
 
 
 def test_grid_cells_load_and_paper_cells_exist():
-  module = config_lib.load_experiment(f"{EXP}:lora:sst2")
-  assert module.peft.method == "lora" and module.peft.lora_rank == 8
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("peft_table", EXP)
-  exp = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(exp)
-  assert len(exp.GRID["configs"]) == 8 * 5
-  assert set(exp.GRID["paper"]) <= {tuple(k.split(":")) for k in exp.GRID["configs"]}
-  assert exp.GRID["paper"][("lora", "rte")] == 86.6 and exp.GRID["paper"][("full", "cola")] == 63.6
-  for name, arg in exp.GRID["configs"].items():
+  config = config_lib.load_experiment(f"{EXP}:lora:sst2")
+  assert config.peft.method == "lora" and config.peft.lora_rank == 8
+  exp = config_lib.load_module(EXP)
+  paper, cpu = exp.GRIDS["paper"], exp.GRIDS["cpu"]
+  assert len(paper) == 8 * 5 and paper["lora-rte"] == "lora:rte"
+  assert {row for row, _ in exp.PAPER} <= set(paper)
+  assert exp.PAPER[("lora-rte", "accuracy")] == 86.6 and exp.PAPER[("full-cola", "mcc")] == 63.6
+  assert exp.PAPER[("bitfit-stsb", "pearson")] == 90.8 and len(exp.PAPER) == 5 * 5
+  assert list(cpu) == ["full", "bitfit", "adapter_h8", "lora", "dora", "ia3", "prefix"]
+  for arg in [*paper.values(), *cpu.values()]:
     c = load(arg)
     peft.spec_from_config(c.peft)  # every method's fields are valid
   assert load("adapter_h24:rte").peft.adapter_size == 24

@@ -186,10 +186,6 @@ def test_fixmatch_gets_a_strong_view(tiny_bert_dir, tmp_path):
   last = results["last_train"]
   assert last["loss"] == pytest.approx(last["loss/sup"] + last["loss/unsup"], rel=1e-4, abs=1e-6)
   assert 0.0 <= last["unsup/pseudo_label_accuracy"] <= 1.0  # the pool's true labels, diagnostics
-  trace = cpu_report().pseudo_label_trace(tmp_path, "run", every=8)
-  assert len(trace) == 4 and trace[2].startswith("| 1-8 |") and trace[3].startswith("| 9-16 |")
-  evals = {r["step"]: r["eval/accuracy"] for r in rows(tmp_path / "run", "eval")}
-  assert trace[3].endswith(f"| {100 * evals[16]:.2f} |")
 
 
 def test_post_training_int8_reports_accuracy_and_size(tiny_bert_dir, tmp_path):
@@ -263,29 +259,3 @@ def test_inference_benchmark_of_a_finished_workdir(supervised_run, capsys):
   assert row["metrics"]["accuracy"] == pytest.approx(results["best"]["accuracy"])
   mod.main([str(workdir), "--repeats", "1"])
   assert f"{100 * results['best']['accuracy']:.2f}" in capsys.readouterr().out
-
-
-def cpu_report():
-  """experiments/cpu_report.py as a module."""
-  import importlib.util
-  script = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "cpu_report.py"
-  spec = importlib.util.spec_from_file_location("jaxft_cpu_report", script)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def test_cpu_report_tabulates_finished_runs(supervised_run, tmp_path):
-  """experiments/cpu_report.py reads real workdirs: a finished run named like the baseline fills
-  the dense rows, and runs that are missing are left out."""
-  import shutil
-  mod = cpu_report()
-  workdir, results = supervised_run
-  shutil.copytree(workdir, tmp_path / "baseline")
-  acc = f"{100 * results['eval']['accuracy']:.2f}"
-  peft = mod.peft_table(tmp_path)
-  assert len(peft) == 3 and peft[2].startswith("| full fine-tuning |") and acc in peft[2]
-  assert f"{results['total_params']:,}" in peft[2]
-  prune = mod.prune_table(tmp_path)
-  assert len(prune) == 3 and prune[2].startswith(f"| dense | 0 | {acc} |")
-  assert mod._n_validation(tmp_path, "baseline") == "32"
