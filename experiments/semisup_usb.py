@@ -14,6 +14,9 @@ arg = "<setting>/<algorithm>":
   ag_news_200 200 (50 per class)
   bbc_news_20 20 (4 per class, 5 classes)          BBC News, seeded 80/20 split
   algorithm  supervised (labelled only), pseudo_label, mean_teacher, uda, fixmatch,
+             fixmatch_da (FixMatch on distribution-aligned predictions, uniform target),
+             flexmatch, freematch, softmatch (adaptive thresholds / weights,
+             jaxft.objectives.adaptive),
              self_training (Noisy Student: 2 rounds; each teacher labels its 1000 most confident
              pool rows per class, a fresh student trains on them and the labels, with dropout),
              fully_supervised (every training label; the upper bound)
@@ -29,7 +32,13 @@ have only its test set, so these are the reference shape of the table, not a par
 | MeanTeacher      | 20.06   | 13.97    | 15.17 | 13.93  |
 | UDA              | 49.97   | 50.0     | 41.0  | 53.7   |
 | FixMatch         | 7.72    | 7.33     | 30.17 | 11.71  |
+| FlexMatch        | 7.82    | 7.41     | 16.38 | 12.08  |
+| FreeMatch        | 8.94    | 7.95     | 12.98 | 11.73  |
+| SoftMatch        | 7.76    | 7.97     | 11.9  | 11.72  |
 | fully supervised | 5.69    | 5.72     | 5.78  | 5.73   |
+(FlexMatch, FreeMatch and SoftMatch: USB's results/usb_nlp.csv. USB's NLP configs for them:
+FlexMatch tau 0.95 with threshold warm-up; FreeMatch EMA 0.999, fairness weight 0.001; SoftMatch
+EMA 0.999, n_sigma 2, uniform alignment. USB has no FixMatch-with-alignment row.)
 UDA paper (IMDb, 20 labels): error 43.27 -> 25.23 from random init; 6.50 -> 4.20 with BERT further
 fine-tuned in-domain.
 
@@ -37,7 +46,9 @@ Grid "cpu" (2000 steps of batch 8, 9-13 min a row on 2 CPU cores): MR-100 with e
 Noisy Student from the labelled-only run (`self_training.teacher`); two controls trained on a
 `data.pseudo_labels` file with *true* labels: round 1's own 2000 rows, and 2000 random pool rows
 (`true_label_rows` below); FixMatch again logging its pseudo-labels' accuracy
-(`data.unlabeled_label_metrics`); MR-20 labelled-only, FixMatch and Noisy Student. Expected
+(`data.unlabeled_label_metrics`); FixMatch with distribution alignment, FlexMatch, FreeMatch
+and SoftMatch on MR-100 (no expected numbers yet); MR-20 labelled-only, FixMatch and Noisy
+Student. Expected
 (2-core CPU VM, seed 0, 2026-11-27; accuracy %):
 | row | accuracy |
 | mr_100-supervised | 72.26 |
@@ -66,8 +77,12 @@ SETTINGS = {  # name -> (data.name, labels per class, max_length)
     "ag_news_200": ("ag_news", 50, 128),
     "bbc_news_20": ("bbc_news", 4, 256),
 }
-ALGORITHMS = ("supervised", "pseudo_label", "mean_teacher", "uda", "fixmatch", "self_training",
-              "fully_supervised")
+ALGORITHMS = ("supervised", "pseudo_label", "mean_teacher", "uda", "fixmatch", "fixmatch_da",
+              "flexmatch", "freematch", "softmatch", "self_training", "fully_supervised")
+# Unlabeled pool rows of each setting (train rows minus the labels; the data log prints them):
+# FlexMatch's class-wise memory is a share of this pool.
+POOL_SIZE = {"mr_20": 9525, "mr_100": 9445, "ag_news_40": 6040, "ag_news_200": 5880,
+             "bbc_news_20": 1760}
 
 
 
@@ -121,6 +136,8 @@ GRIDS = {
                                     {"self_training.teacher": From("mr_100-supervised")}),
         **_controls(),
         "mr_100-fixmatch-diag": Row("mr_100/fixmatch", {"data.unlabeled_label_metrics": True}),
+        **{f"mr_100-{a}": Row(f"mr_100/{a}", {"data.unlabeled_label_metrics": True})
+           for a in ("fixmatch_da", "flexmatch", "freematch", "softmatch")},
         "mr_20-supervised": "mr_20/supervised",
         "mr_20-fixmatch": "mr_20/fixmatch",
         "mr_20-self_training": Row("mr_20/self_training",
@@ -129,7 +146,8 @@ GRIDS = {
 }
 _USB_ERROR = {  # algorithm -> (AG-40, AG-200) error %
     "supervised": (15.06, 14.25), "pseudo_label": (19.49, 14.69), "mean_teacher": (15.17, 13.93),
-    "uda": (41.0, 53.7), "fixmatch": (30.17, 11.71), "fully_supervised": (5.78, 5.73)}
+    "uda": (41.0, 53.7), "fixmatch": (30.17, 11.71), "flexmatch": (16.38, 12.08),
+    "freematch": (12.98, 11.73), "softmatch": (11.9, 11.72), "fully_supervised": (5.78, 5.73)}
 PAPER = {(f"{setting}-{a}", "accuracy"): round(100.0 - err[i], 2)
          for a, err in _USB_ERROR.items()
          for i, setting in enumerate(("ag_news_40", "ag_news_200"))}
@@ -168,11 +186,22 @@ def get_config(arg=None):
     return c
 
   c.data.unlabeled_ratio = 1  # USB's NLP setting: as many unlabeled rows as labeled ones
-  c.objective.name = algorithm
-  o = c.objective[algorithm]
-  if algorithm in ("pseudo_label", "fixmatch"):
+  c.objective.name = "fixmatch" if algorithm == "fixmatch_da" else algorithm
+  o = c.objective[c.objective.name]
+  if algorithm in ("pseudo_label", "fixmatch", "fixmatch_da", "flexmatch"):
     o.threshold = 0.95  # USB's confidence threshold
     o.weight = 1.0
+  if algorithm == "fixmatch_da":
+    o.dist_align, o.dist_align_target = True, "uniform"
+  if algorithm == "flexmatch":
+    o.threshold_warmup = True
+    o.pool_size = POOL_SIZE[setting]
+  if algorithm == "freematch":
+    o.ema_decay = 0.999
+    o.fairness_weight = 0.001  # USB's NLP configs (its code's default is 0.01)
+  if algorithm == "softmatch":
+    o.ema_decay, o.n_sigma = 0.999, 2.0
+    o.dist_align, o.dist_align_target = True, "uniform"
   if algorithm == "pseudo_label":
     o.rampup, o.rampup_steps = "linear", 500
   if algorithm == "mean_teacher":

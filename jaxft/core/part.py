@@ -25,6 +25,8 @@ SWA and reduce-on-plateau. Every field is optional; a part fills the ones its me
   eval_from_step evaluations before this step cannot be the best checkpoint (a pruning run's model
                  is the one asked for only once its schedule reaches the final sparsity).
   unlabeled      batches must carry an unlabeled part (keys prefixed "unlabeled/").
+  strong_view    the unlabeled part also carries a strongly augmented copy ("unlabeled/strong/...",
+                 data.strong_augment): FixMatch, UDA and the adaptive-threshold objectives.
   note           one line for the run's log (e.g. the pruning schedule).
 """
 
@@ -40,6 +42,7 @@ class Part:
   init_extras: Callable[[dict, dict], dict] | None = None
   update_extras: Callable[..., dict] | None = None
   unlabeled: bool = False
+  strong_view: bool = False
   replaces: tuple[str, ...] = ()
   init: Callable[[dict, dict], tuple[dict, dict]] | None = None
   post_update: Callable[..., dict] | None = None

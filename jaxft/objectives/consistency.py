@@ -16,6 +16,7 @@ and the target side is always under stop_gradient:
   uda           l = KL(sharpen(p, T) || q) or MSE, with TSA on L_sup  (Xie et al. 2019)
   pseudo_label  l = CE(f(u), argmax p), one pass                 (Lee 2013)
   fixmatch      l = CE(f(A(u)), argmax p)                        (Sohn et al. 2020)
+                (dist_align: p distribution-aligned first, jaxft.objectives.adaptive)
   entropy_min   l = -sum_c p_c log p_c                           (Grandvalet & Bengio 2005)
   mean_teacher  l = mean_c (p'_c - q_c)^2, p' from EMA params    (Tarvainen & Valpola 2017)
 Logits must be [B, C] (sequence or image classification).
@@ -324,6 +325,8 @@ def ema_extras(decay: float, warmup: bool = True):
 
 _COMMON = {"weight": 1.0, "rampup": "none", "rampup_steps": 0, "label_smoothing": 0.0}
 _NOISE = {"embedding_noise": "none", "embedding_noise_scale": 0.0}
+# Distribution alignment of the pseudo-labeling objectives (jaxft.objectives.adaptive.DistAlign).
+_DIST_ALIGN = {"dist_align": False, "dist_align_target": "uniform", "dist_align_decay": 0.999}
 
 
 def _check(name, options, info):
@@ -371,7 +374,8 @@ def uda(options, info) -> Objective:
     tsa_threshold(0, options.tsa_total_steps, options.tsa, 2)  # validates schedule and horizon
     sup = tsa_classification_term(options.tsa, options.tsa_total_steps, options.label_smoothing)
   return _semi(options, info, uda_term(options.divergence, float(options.temperature),
-                                       float(options.threshold), _noise(options)), sup)
+                                       float(options.threshold), _noise(options)), sup,
+               strong_view=True)
 
 
 @register("pseudo_label", defaults={**_COMMON, "threshold": 0.95, "rampup": "linear",
@@ -381,10 +385,7 @@ def pseudo_label(options, info) -> Objective:
   return _semi(options, info, pseudo_label_term(float(options.threshold)))
 
 
-@register("fixmatch", defaults={**_COMMON, "threshold": 0.95, **_NOISE})
-def fixmatch(options, info) -> Objective:
-  _check("fixmatch", options, info)
-  return _semi(options, info, fixmatch_term(float(options.threshold), _noise(options)))
+# fixmatch is registered in jaxft.objectives.adaptive: with dist_align its term keeps running state.
 
 
 @register("entropy_min", defaults={**_COMMON, "weight": 0.1})

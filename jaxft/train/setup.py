@@ -110,10 +110,11 @@ def model_kwargs(config, info, spec, tokenizer) -> dict:
       tokenizer=tokenizer)
 
 
-def _strong_view(config, objective_name: str, data, tokenizer):
-  """FixMatch / UDA read a strongly augmented copy of the unlabeled rows."""
+def _strong_view(config, objective, data, tokenizer):
+  """The train batches, with a strongly augmented copy of the unlabeled rows when the objective
+  reads one (`Part.strong_view`: FixMatch, UDA, FlexMatch, ...)."""
   from jaxft.data.views import StrongView
-  if objective_name not in ("fixmatch", "uda") or not config.data.strong_augment:
+  if not objective.strong_view or not config.data.strong_augment:
     return data.train
   special = [i for i in (tokenizer.all_special_ids or []) if i is not None]
   return StrongView(data.train, config.data.strong_augment, seed=config.seed, special_ids=special,
@@ -190,8 +191,7 @@ def build_setup(config, devices=None) -> Setup:
     raise ValueError(f"objective {config.objective.name!r} needs unlabeled rows in each batch: "
                      "set data.unlabeled_ratio > 0 (e.g. 3)")
   if objective.unlabeled:
-    data = dataclasses.replace(data, train=_strong_view(config, config.objective.name, data,
-                                                        tokenizer))
+    data = dataclasses.replace(data, train=_strong_view(config, objective, data, tokenizer))
 
   spec = peft.spec_from_config(config.peft)
   kwargs = model_kwargs(config, info, spec, tokenizer)
