@@ -154,9 +154,24 @@ def test_profile_summary_counts_kernels_classes_and_gaps():
   assert "| matmul | 1.0 |" in ps.table(s)
 
 
+def test_gpu_check_rows_and_kinds_of_the_device_run_parse():
+  """The device run's step-cost rows (which the CPU smoke run only partly measures) and throughput
+  kinds are ones the scripts know."""
+  import re
+  script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+  rows = ",".join(re.findall(r'^SC_ROWS="(?:\$SC_ROWS,)?([^"]+)"', script, re.M)[:2])
+  sc = bench("step_cost")
+  parsed = sc.parse_rows(rows)
+  assert len(parsed) == 7 and {r["reference"] for r in parsed} == {True, False}
+  assert {r["variant"] for r in parsed} <= set(sc.VARIANTS)
+  from jaxft.bench import throughput
+  for kinds in re.findall(r"--kinds ([\w,]+)", script):
+    assert set(kinds.split(",")) <= set(throughput.KINDS), kinds
+
+
 @pytest.mark.slow
 def test_gpu_check_tiny_mode_runs_every_stage_on_cpu(tmp_path):
-  """GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh: every stage exits 0 (~80 s on 2 CPU cores)
+  """GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh: every stage exits 0 (~60 s on 2 CPU cores)
   and leaves its files, at most 8, no folders (what a device tool carries back)."""
   import os
   env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_TINY": "1", "PYTHON": sys.executable}
@@ -170,7 +185,7 @@ def test_gpu_check_tiny_mode_runs_every_stage_on_cpu(tmp_path):
   files = sorted(p.name for p in tmp_path.iterdir())
   assert all((tmp_path / f).is_file() for f in files) and len(files) <= 8, files
   rows = [json.loads(x) for x in (tmp_path / "step_cost.jsonl").read_text().splitlines()]
-  assert len(rows) == 7 and {r["impl"] for r in rows} == {"jaxft", "reference"}
+  assert len(rows) == 2 and {r["impl"] for r in rows} == {"jaxft", "reference"}
   assert "| jaxft supervised |" in (tmp_path / "step_cost.md").read_text()
   assert "kernels/step" in (tmp_path / "profile.txt").read_text()
   assert "jaxft" in (tmp_path / "RESULTS.md").read_text()

@@ -265,8 +265,10 @@ def objective(name):
   opts = ml_collections.ConfigDict(objectives.defaults()[name])
   if name in ("pgd", "freelb"):
     opts.steps = 2
+  if name == "flexmatch":
+    opts.pool_size = 64
   cfg = ml_collections.ConfigDict({"name": name, name: opts})
-  return objectives.build(cfg, types.SimpleNamespace(kind="classification"))
+  return objectives.build(cfg, types.SimpleNamespace(kind="classification", num_labels=3))
 
 
 # Every PEFT method, in as few models as the exclusive pairs (lora / dora, the two adapter kinds)

@@ -272,7 +272,7 @@ def _peft_cfg(method, **kw):
 
 def _objective(name, opts):
   return registry.build(ml_collections.ConfigDict({"name": name, name: opts}),
-                        types.SimpleNamespace(kind="classification"))
+                        types.SimpleNamespace(kind="classification", num_labels=2))
 
 
 # Every PEFT method, five models: full, linear_probe, freeze_bottom and two combinations.
@@ -298,6 +298,8 @@ def test_every_objective_takes_a_step(name):
   opts = registry.defaults()[name]
   if name in ("pgd", "freelb"):
     opts["steps"] = 1
+  if name == "flexmatch":
+    opts["pool_size"] = 64
   obj = _objective(name, opts)
   flat = flatten(model.params)
   extras = obj.init_extras(flat, {}) if obj.init_extras else None
