@@ -73,9 +73,7 @@ def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
     raise ValueError("evaluate on --split or on --file, not both")
   name = None
   if file:
-    from jaxft.data import tasks
-    if not pathlib.Path(file).expanduser().is_file():
-      raise FileNotFoundError(f"--file {file}: no such file")
+    from jaxft.data import tasks  # its read_file refuses a missing file before any model loads
     split, name = tasks.file_split(file), "file_" + pathlib.Path(file).stem
   setup, state = load_workdir(workdir, which, setup_fn, eval_splits=[split] if split else [])
   if setup.evaluator is not None:  # a recipe's own evaluation (every task with its head)

@@ -47,7 +47,8 @@ OPTIONS = {
     "mesh.data": [-1, 1, 2, 3],
     "mesh.fsdp": [1, 2],
 }
-KEY = re.compile(r"\b(" + "|".join(sorted({k.split(".")[0] for k in OPTIONS} | {
+# A config key such as train.batch_size, not a module path such as jaxft.data.augment.
+KEY = re.compile(r"(?<![\w.])(" + "|".join(sorted({k.split(".")[0] for k in OPTIONS} | {
     "model", "distill", "self_training", "multitask", "continual"})) + r")\.[a-z_]+")
 
 choices = st.lists(st.sampled_from(sorted(OPTIONS)), min_size=2, max_size=6, unique=True).flatmap(
