@@ -57,7 +57,7 @@ def build(objective_config, task_info) -> Objective:
   return _REGISTRY[name](objective_config[name], task_info)
 
 
-_MODULES = ("supervised", "adversarial", "consistency", "adaptive", "rdrop")
+_MODULES = ("supervised", "adversarial", "consistency", "adaptive", "rdrop", "contrastive")
 
 
 def _import_all():
