@@ -90,7 +90,30 @@ def read_results(workdir: str | pathlib.Path) -> dict | None:
   results = json.loads(path.read_text())
   for extra in sorted(workdir.glob("eval_*.json")):
     results.setdefault(extra.stem, json.loads(extra.read_text()))
+  if (workdir / "metrics.jsonl").is_file() and results.get("steps"):
+    results.setdefault("train_mean", train_quarters(workdir / "metrics.jsonl", results["steps"]))
   return results
+
+
+def train_quarters(metrics_file: str | pathlib.Path, steps: int) -> dict:
+  """{"q1".."q4": {metric: mean}}: each logged train metric averaged over the log steps in each
+  quarter of the run's `steps` (q4: steps in (3/4 steps, steps]), e.g. the path
+  "train_mean/q4/unsup/pseudo_label_accuracy" of a semi-supervised run. One log step sees one
+  batch; a quarter's mean is the trace a table can print. A step logged twice (a resumed run
+  repeats the steps after its last checkpoint, with the same numbers) counts once."""
+  by_step = {}
+  for line in pathlib.Path(metrics_file).read_text().splitlines():
+    rec = json.loads(line) if line.strip() else {}
+    if rec.get("kind") == "train" and isinstance(rec.get("step"), int):
+      by_step[rec["step"]] = rec
+  out = {}
+  for q in range(4):
+    lo, hi = steps * q / 4, steps * (q + 1) / 4
+    recs = [r for s, r in by_step.items() if lo < s <= hi]
+    keys = {k for r in recs for k, v in r.items()
+            if k not in ("kind", "step", "time") and isinstance(v, (int, float))}
+    out[f"q{q + 1}"] = {k: float(np.mean([r[k] for r in recs if k in r])) for k in sorted(keys)}
+  return out
 
 
 def lookup(tree: Mapping, path: str):

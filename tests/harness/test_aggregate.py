@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import math
 
 import numpy as np
@@ -118,3 +119,23 @@ def test_tables_markdown_latex_csv(tmp_path):
   paths = tables.write_all(cells, tmp_path)
   assert paths["md"].read_text() == tables.markdown(cells)
   assert tables._tex_escape("a_b&c%\\") == r"a\_b\&c\%\textbackslash{}"
+
+
+def test_train_quarters_average_each_quarter_of_the_logged_steps(tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  lines = [{"kind": "info", "step": 0, "total_steps": 8}]
+  for step in range(1, 9):  # a metric logged every step, another only on even steps
+    rec = {"kind": "train", "step": step, "time": 1.0, "loss": float(step)}
+    if step % 2 == 0:
+      rec["unsup/pseudo_label_accuracy"] = step / 10
+    lines.append(rec)
+  lines.insert(5, {"kind": "train", "step": 3, "time": 2.0, "loss": 3.0})  # resumed: logged twice
+  lines.append({"kind": "eval", "step": 8, "eval/accuracy": 0.5})
+  (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  (run / "results.json").write_text(json.dumps({"steps": 8, "eval": {"accuracy": 0.5}}))
+  r = aggregate.read_results(run)
+  assert r["train_mean"]["q1"] == {"loss": 1.5, "unsup/pseudo_label_accuracy": 0.2}
+  assert r["train_mean"]["q2"]["loss"] == 3.5
+  assert aggregate.lookup(r, "train_mean/q4/unsup/pseudo_label_accuracy") == 0.8
+  assert aggregate.metric_of(r, "train_mean/q3/loss") == ("train_mean/q3/loss", 5.5)
