@@ -57,8 +57,8 @@ import jax.numpy as jnp
 
 from jaxft.objectives.base import StepContext, example_weights
 from jaxft.objectives.consistency import (
-    _COMMON, _DIST_ALIGN, _NOISE, UNLABELED, Noise, _check, _noise, _semi, _target_accuracy,
-    _two_views, confidence_mask, fixmatch_term)
+    COMMON_OPTIONS, DIST_ALIGN_OPTIONS, NOISE_OPTIONS, UNLABELED, Noise, check_options,
+    confidence_mask, fixmatch_term, noise_of, semi_objective, target_accuracy, two_views)
 from jaxft.objectives.registry import Objective, register
 from jaxft.objectives.supervised import cross_entropy, masked_mean
 
@@ -259,7 +259,7 @@ def _aligned(da: DistAlign | None, state, probs, w, batch, apply_fn, params, rng
 def _views(apply_fn, params, batch, rng, name, noise=Noise()):
   """-> (p = softmax of the weak view's logits (no gradient), strong logits, w, a spare key)."""
   r_views, r_more = jax.random.split(rng)
-  target, student, w = _two_views(apply_fn, params, batch, r_views, name, need_strong=True,
+  target, student, w = two_views(apply_fn, params, batch, r_views, name, need_strong=True,
                                   noise=noise)
   return jax.nn.softmax(target, -1), student, w, r_more
 
@@ -282,7 +282,7 @@ def flexmatch_term(threshold: float, pool_size: int, warmup: bool = True,
     confident = jnp.sum(jax.nn.one_hot(pseudo, probs.shape[-1]) * selected[:, None], 0)
     memory, visited = flex_memory_update(state["memory"], state["visited"], confident, jnp.sum(w),
                                          pool_size)
-    metrics = {"mask_rate": masked_mean(mask, w), **_target_accuracy(batch, pseudo, mask, w),
+    metrics = {"mask_rate": masked_mean(mask, w), **target_accuracy(batch, pseudo, mask, w),
                "threshold": jnp.mean(thresholds), "unused": state["memory"][-1],
                **report(name, {"memory": memory, "visited": visited, **entries})}
     return loss, metrics
@@ -306,7 +306,7 @@ def freematch_term(decay: float = 0.999, fairness: float = 0.0,
     mask = (conf >= thresholds[pseudo]).astype(f32)
     consistency = masked_mean(cross_entropy(student, pseudo) * mask, w)
     fair = fairness_loss(student, mask * w, p_model, label_hist)
-    metrics = {"mask_rate": masked_mean(mask, w), **_target_accuracy(batch, pseudo, mask, w),
+    metrics = {"mask_rate": masked_mean(mask, w), **target_accuracy(batch, pseudo, mask, w),
                "threshold": jnp.mean(thresholds), "global_threshold": time_p,
                "consistency": consistency, "fairness": fair,
                **report(name, {"time_p": time_p, "p_model": p_model, "label_hist": label_hist,
@@ -327,7 +327,7 @@ def softmatch_term(decay: float = 0.999, n_sigma: float = 2.0,
     var = ema(state["var"], weighted_var(conf, w), decay)
     weights = soft_weights(conf, mu, var, n_sigma)
     loss = masked_mean(cross_entropy(student, pseudo) * weights, w)
-    metrics = {"mask_rate": masked_mean(weights, w), **_target_accuracy(batch, pseudo, weights, w),
+    metrics = {"mask_rate": masked_mean(weights, w), **target_accuracy(batch, pseudo, weights, w),
                "mu": mu, "sigma": jnp.sqrt(var),
                **report(name, {"mu": mu, "var": var, **entries})}
     return loss, metrics
@@ -343,7 +343,7 @@ def fixmatch_dist_align_term(threshold: float, dist_align: DistAlign, noise: Noi
     probs, entries = dist_align(state, probs, w, batch, apply_fn, params, r)
     pseudo, mask = jnp.argmax(probs, -1), confidence_mask(probs, threshold)
     loss = masked_mean(cross_entropy(student, pseudo) * mask, w)
-    return loss, {"mask_rate": masked_mean(mask, w), **_target_accuracy(batch, pseudo, mask, w),
+    return loss, {"mask_rate": masked_mean(mask, w), **target_accuracy(batch, pseudo, mask, w),
                   **report(name, entries)}
   return term
 
@@ -371,14 +371,14 @@ def _adaptive(name, options, info, term, init: dict, da: DistAlign | None) -> Ob
   if da is not None:
     init = {**init, **da.init(info.num_labels)}
   init_extras, update_extras = state_extras(name, init)
-  return _semi(options, info, term, init_extras=init_extras, update_extras=update_extras,
+  return semi_objective(options, info, term, init_extras=init_extras, update_extras=update_extras,
                wrap_step=without_state, strong_view=True)
 
 
-@register("flexmatch", defaults={**_COMMON, "threshold": 0.95, "threshold_warmup": True,
-                                 "pool_size": 0, **_DIST_ALIGN})
+@register("flexmatch", defaults={**COMMON_OPTIONS, "threshold": 0.95, "threshold_warmup": True,
+                                 "pool_size": 0, **DIST_ALIGN_OPTIONS})
 def flexmatch(options, info) -> Objective:
-  _check("flexmatch", options, info)
+  check_options("flexmatch", options, info)
   da = _dist_align("flexmatch", options)
   if options.pool_size <= 0:
     raise ValueError("objective.flexmatch.pool_size must be the number of unlabeled pool rows "
@@ -391,10 +391,10 @@ def flexmatch(options, info) -> Objective:
   return _adaptive("flexmatch", options, info, term, init, da)
 
 
-@register("freematch", defaults={**_COMMON, "ema_decay": 0.999, "fairness_weight": 0.01,
-                                 "state_init": "uniform", **_DIST_ALIGN})
+@register("freematch", defaults={**COMMON_OPTIONS, "ema_decay": 0.999, "fairness_weight": 0.01,
+                                 "state_init": "uniform", **DIST_ALIGN_OPTIONS})
 def freematch(options, info) -> Objective:
-  _check("freematch", options, info)
+  check_options("freematch", options, info)
   da = _dist_align("freematch", options)
   _check_decay("freematch", "ema_decay", options.ema_decay)
   if options.state_init not in ("uniform", "ones"):
@@ -411,10 +411,10 @@ def freematch(options, info) -> Objective:
   return _adaptive("freematch", options, info, term, init, da)
 
 
-@register("softmatch", defaults={**_COMMON, "ema_decay": 0.999, "n_sigma": 2.0,
-                                 **_DIST_ALIGN, "dist_align": True})
+@register("softmatch", defaults={**COMMON_OPTIONS, "ema_decay": 0.999, "n_sigma": 2.0,
+                                 **DIST_ALIGN_OPTIONS, "dist_align": True})
 def softmatch(options, info) -> Objective:
-  _check("softmatch", options, info)
+  check_options("softmatch", options, info)
   da = _dist_align("softmatch", options)
   _check_decay("softmatch", "ema_decay", options.ema_decay)
   if options.n_sigma <= 0:
@@ -424,13 +424,13 @@ def softmatch(options, info) -> Objective:
   return _adaptive("softmatch", options, info, term, init, da)
 
 
-@register("fixmatch", defaults={**_COMMON, "threshold": 0.95, **_NOISE, **_DIST_ALIGN})
+@register("fixmatch", defaults={**COMMON_OPTIONS, "threshold": 0.95, **NOISE_OPTIONS, **DIST_ALIGN_OPTIONS})
 def fixmatch(options, info) -> Objective:
   """FixMatch (consistency.fixmatch_term); with dist_align, its aligned term with running state."""
-  _check("fixmatch", options, info)
+  check_options("fixmatch", options, info)
   if not options.dist_align:
-    return _semi(options, info, fixmatch_term(float(options.threshold), _noise(options)),
+    return semi_objective(options, info, fixmatch_term(float(options.threshold), noise_of(options)),
                  strong_view=True)
   da = _dist_align("fixmatch", options)
-  term = fixmatch_dist_align_term(float(options.threshold), da, _noise(options))
+  term = fixmatch_dist_align_term(float(options.threshold), da, noise_of(options))
   return _adaptive("fixmatch", options, info, term, {}, da)

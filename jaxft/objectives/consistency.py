@@ -167,7 +167,7 @@ class Noise:
   scale: float = 0.0
 
 
-def _two_views(apply_fn, params, batch, rng, objective, *, need_strong=False, noise=Noise(),
+def two_views(apply_fn, params, batch, rng, objective, *, need_strong=False, noise=Noise(),
                target_params=None):
   """Target pass on u (stop-gradient; `target_params`, e.g. a teacher, or the student's) and student
   pass on A(u), or on u again with fresh dropout. -> (target_logits, student_logits, weights [B])."""
@@ -189,7 +189,7 @@ def _two_views(apply_fn, params, batch, rng, objective, *, need_strong=False, no
           example_weights(weak))
 
 
-def _target_accuracy(batch, pseudo, keep, w) -> dict:
+def target_accuracy(batch, pseudo, keep, w) -> dict:
   """With "unlabeled/labels" in the batch (data.unlabeled_label_metrics, diagnostics only, never a
   target): pseudo_label_accuracy, how often the target's argmax is the true label over the rows
   `keep` keeps; else nothing."""
@@ -201,7 +201,7 @@ def _target_accuracy(batch, pseudo, keep, w) -> dict:
 
 def _pseudo_label_metrics(batch, pseudo, mask, w) -> dict:
   """mask_rate, and the accuracy of the masked-in targets when the true labels are batched."""
-  return {"mask_rate": masked_mean(mask, w), **_target_accuracy(batch, pseudo, mask, w)}
+  return {"mask_rate": masked_mean(mask, w), **target_accuracy(batch, pseudo, mask, w)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def _pseudo_label_metrics(batch, pseudo, mask, w) -> dict:
 
 def pi_model_term(noise: Noise = Noise()):
   def term(apply_fn, params, batch, rng, ctx: StepContext):
-    target, student, w = _two_views(apply_fn, params, batch, rng, "pi_model", noise=noise)
+    target, student, w = two_views(apply_fn, params, batch, rng, "pi_model", noise=noise)
     return masked_mean(probs_mse(jax.nn.softmax(target, -1), student), w), {}
   return term
 
@@ -218,7 +218,7 @@ def pi_model_term(noise: Noise = Noise()):
 def uda_term(divergence: str = "kl", temperature: float = 1.0, threshold: float = 0.0,
              noise: Noise = Noise()):
   def term(apply_fn, params, batch, rng, ctx: StepContext):
-    target, student, w = _two_views(apply_fn, params, batch, rng, "uda", noise=noise)
+    target, student, w = two_views(apply_fn, params, batch, rng, "uda", noise=noise)
     mask = confidence_mask(jax.nn.softmax(target, -1), threshold)  # on unsharpened p, as in UDA
     q = sharpen(target, temperature)
     per_example = kl_divergence(q, student) if divergence == "kl" else probs_mse(q, student)
@@ -259,7 +259,7 @@ def pseudo_label_term(threshold: float):
 
 def fixmatch_term(threshold: float, noise: Noise = Noise()):
   def term(apply_fn, params, batch, rng, ctx: StepContext):
-    target, student, w = _two_views(apply_fn, params, batch, rng, "fixmatch", need_strong=True,
+    target, student, w = two_views(apply_fn, params, batch, rng, "fixmatch", need_strong=True,
                                     noise=noise)
     probs = jax.nn.softmax(target, -1)
     pseudo, mask = jnp.argmax(probs, -1), confidence_mask(probs, threshold)
@@ -289,12 +289,12 @@ def teacher_params(params, extras: Mapping[str, Any]):
 def mean_teacher_term(divergence: str = "mse", noise: Noise = Noise()):
   def term(apply_fn, params, batch, rng, ctx: StepContext):
     teacher = teacher_params(params, ctx.extras)
-    target, student, w = _two_views(apply_fn, params, batch, rng, "mean_teacher", noise=noise,
+    target, student, w = two_views(apply_fn, params, batch, rng, "mean_teacher", noise=noise,
                                     target_params=teacher)
     p = jax.nn.softmax(target, -1)
     per_example = probs_mse(p, student) if divergence == "mse" else kl_divergence(p, student)
     return (masked_mean(per_example, w),
-            _target_accuracy(batch, jnp.argmax(p, -1), jnp.ones_like(w), w))
+            target_accuracy(batch, jnp.argmax(p, -1), jnp.ones_like(w), w))
   return term
 
 
@@ -323,13 +323,15 @@ def ema_extras(decay: float, warmup: bool = True):
 # ---------------------------------------------------------------------------------------------
 # Registered objectives.
 
-_COMMON = {"weight": 1.0, "rampup": "none", "rampup_steps": 0, "label_smoothing": 0.0}
-_NOISE = {"embedding_noise": "none", "embedding_noise_scale": 0.0}
+COMMON_OPTIONS = {"weight": 1.0, "rampup": "none", "rampup_steps": 0, "label_smoothing": 0.0}
+NOISE_OPTIONS = {"embedding_noise": "none", "embedding_noise_scale": 0.0}
 # Distribution alignment of the pseudo-labeling objectives (jaxft.objectives.adaptive.DistAlign).
-_DIST_ALIGN = {"dist_align": False, "dist_align_target": "uniform", "dist_align_decay": 0.999}
+DIST_ALIGN_OPTIONS = {"dist_align": False, "dist_align_target": "uniform", "dist_align_decay": 0.999}
 
 
-def _check(name, options, info):
+def check_options(name, options, info):
+  """Refuses a semi-supervised objective's options that cannot run (shared by the pseudo-labeling
+  objectives here and in jaxft.objectives.adaptive)."""
   if info.kind != "classification":
     raise ValueError(f"objective {name!r} supports classification tasks (logits [B, C]); the task "
                      f"is {info.kind!r}. Use objective.name=supervised or rdrop for it.")
@@ -343,11 +345,13 @@ def _check(name, options, info):
                      f"{options.embedding_noise!r}")
 
 
-def _noise(options) -> Noise:
+def noise_of(options) -> Noise:
   return Noise(options.embedding_noise, float(options.embedding_noise_scale))
 
 
-def _semi(options, info, unsup, sup=None, **extra) -> Objective:
+def semi_objective(options, info, unsup, sup=None, **extra) -> Objective:
+  """The Part of a semi-supervised objective: terms "sup" (the task's loss, or `sup`) and "unsup"
+  (weighted by options.weight, ramped up as options.rampup says); `extra` are more Part fields."""
   ramp = rampup(options.rampup, options.rampup_steps)
   lam = float(options.weight)
   weight = lam if options.rampup == "none" or options.rampup_steps <= 0 else (lambda t: lam * ramp(t))
@@ -356,53 +360,53 @@ def _semi(options, info, unsup, sup=None, **extra) -> Objective:
                    **extra)
 
 
-@register("pi_model", defaults={**_COMMON, "weight": 10.0, "rampup": "sigmoid", "rampup_steps": 1000,
-                                **_NOISE})
+@register("pi_model", defaults={**COMMON_OPTIONS, "weight": 10.0, "rampup": "sigmoid", "rampup_steps": 1000,
+                                **NOISE_OPTIONS})
 def pi_model(options, info) -> Objective:
-  _check("pi_model", options, info)
-  return _semi(options, info, pi_model_term(_noise(options)))
+  check_options("pi_model", options, info)
+  return semi_objective(options, info, pi_model_term(noise_of(options)))
 
 
-@register("uda", defaults={**_COMMON, "divergence": "kl", "temperature": 0.4, "threshold": 0.8,
-                           "tsa": "none", "tsa_total_steps": 0, **_NOISE})
+@register("uda", defaults={**COMMON_OPTIONS, "divergence": "kl", "temperature": 0.4, "threshold": 0.8,
+                           "tsa": "none", "tsa_total_steps": 0, **NOISE_OPTIONS})
 def uda(options, info) -> Objective:
-  _check("uda", options, info)
+  check_options("uda", options, info)
   if options.temperature <= 0:
     raise ValueError(f"objective.uda.temperature must be > 0, got {options.temperature}")
   sup = None
   if options.tsa != "none":
     tsa_threshold(0, options.tsa_total_steps, options.tsa, 2)  # validates schedule and horizon
     sup = tsa_classification_term(options.tsa, options.tsa_total_steps, options.label_smoothing)
-  return _semi(options, info, uda_term(options.divergence, float(options.temperature),
-                                       float(options.threshold), _noise(options)), sup,
+  return semi_objective(options, info, uda_term(options.divergence, float(options.temperature),
+                                       float(options.threshold), noise_of(options)), sup,
                strong_view=True)
 
 
-@register("pseudo_label", defaults={**_COMMON, "threshold": 0.95, "rampup": "linear",
+@register("pseudo_label", defaults={**COMMON_OPTIONS, "threshold": 0.95, "rampup": "linear",
                                     "rampup_steps": 1000})
 def pseudo_label(options, info) -> Objective:
-  _check("pseudo_label", options, info)
-  return _semi(options, info, pseudo_label_term(float(options.threshold)))
+  check_options("pseudo_label", options, info)
+  return semi_objective(options, info, pseudo_label_term(float(options.threshold)))
 
 
 # fixmatch is registered in jaxft.objectives.adaptive: with dist_align its term keeps running state.
 
 
-@register("entropy_min", defaults={**_COMMON, "weight": 0.1})
+@register("entropy_min", defaults={**COMMON_OPTIONS, "weight": 0.1})
 def entropy_min(options, info) -> Objective:
-  _check("entropy_min", options, info)
-  return _semi(options, info, entropy_min_term())
+  check_options("entropy_min", options, info)
+  return semi_objective(options, info, entropy_min_term())
 
 
-@register("mean_teacher", defaults={**_COMMON, "weight": 10.0, "rampup": "sigmoid",
+@register("mean_teacher", defaults={**COMMON_OPTIONS, "weight": 10.0, "rampup": "sigmoid",
                                     "rampup_steps": 1000, "divergence": "mse", "ema_decay": 0.999,
-                                    "ema_warmup": True, **_NOISE})
+                                    "ema_warmup": True, **NOISE_OPTIONS})
 def mean_teacher(options, info) -> Objective:
-  _check("mean_teacher", options, info)
+  check_options("mean_teacher", options, info)
   if not 0.0 <= options.ema_decay < 1.0:
     raise ValueError(f"objective.mean_teacher.ema_decay must be in [0, 1), got {options.ema_decay}")
   init_extras, update_extras = ema_extras(float(options.ema_decay), bool(options.ema_warmup))
-  return _semi(options, info, mean_teacher_term(options.divergence, _noise(options)),
+  return semi_objective(options, info, mean_teacher_term(options.divergence, noise_of(options)),
                init_extras=init_extras, update_extras=update_extras)
 
 
