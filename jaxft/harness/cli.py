@@ -183,6 +183,13 @@ def _table(args, opts, overrides) -> int:
     return 0
   for r in runs:  # fail on a bad override or grid arg now, not after hours of other runs
     r.config()
+  stale = [r.stale() for r in runs]
+  if any(stale):  # a finished run of an older config would be tabulated as this one
+    raise ValueError(
+        "these runs were made with another config than the grid now gives (the experiment file "
+        "or the --config overrides changed):\n  " + "\n  ".join(m for m in stale if m)
+        + f"\nmove them aside (or all of {root}), or pass --workdir-root DIR to run the grid "
+        "elsewhere")
   if not opts.no_run:
     try:
       grid.run_grid(runs, keep_going=opts.keep_going)

@@ -219,6 +219,18 @@ class Run:
       return "partial"
     return "new"
 
+  def stale(self) -> str:
+    """Why this workdir's saved config is not the run's config (the experiment file or the
+    overrides changed since it ran), or "" when it is the same run or has not started."""
+    if not (self.workdir / "config.json").is_file():
+      return ""
+    from jaxft.train.loop import check_workdir
+    try:
+      check_workdir(self.workdir, self.config(), overwrite=False)
+    except FileExistsError as e:
+      return str(e).split(" Use another --workdir")[0]
+    return ""
+
   def cli_args(self) -> list[str]:
     """The `jaxft train` command line that runs this cell (its inputs made first)."""
     return ["train", "--config", self.spec, "--workdir", str(self.workdir),

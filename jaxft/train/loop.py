@@ -68,8 +68,12 @@ def check_workdir(workdir: pathlib.Path, config, overwrite: bool) -> str:
   if saved.exists():
     old = _flat_config(json.loads(saved.read_text()))
     new = _flat_config(config)
+    # A key the saved config lacks is an option added to jaxft since that run: its default keeps
+    # the old behaviour, so it is not a difference (else every new objective's options would
+    # orphan every older workdir).
     diff = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS)
+                  if old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS
+                  and not (k not in old and k in new))
     if not diff:
       return "resume"
     if not others:

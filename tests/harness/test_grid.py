@@ -137,6 +137,30 @@ def test_cli_rejects_bad_override_before_running(experiment, tmp_path, monkeypat
   assert calls == []
 
 
+def test_cli_refuses_runs_of_an_older_config_before_running(experiment, tmp_path, monkeypatch):
+  from jaxft import config as config_lib
+  calls = []
+  monkeypatch.setattr(grid, "default_run_fn", lambda config, workdir: calls.append(workdir))
+  args = argparse.Namespace(experiment=str(experiment))
+  root = tmp_path / "root"
+  run = grid.plan(experiment, {"other": "16"}, [0], root)[0]
+  run.workdir.mkdir(parents=True)
+  old = run.config()
+  old.train.learning_rate = 5e-5  # as the experiment file said when this run was made
+  saved = json.loads(config_lib.to_json(old))
+  del saved["objective"]["rdrop"]  # and an objective added since: not a difference
+  (run.workdir / "config.json").write_text(json.dumps(saved))
+  (run.workdir / "results.json").write_text(json.dumps({"eval": {"accuracy": 0.5}}))
+  assert "train.learning_rate: 5e-05 -> 2e-05" in run.stale()
+  assert "rdrop" not in run.stale()
+  with pytest.raises(ValueError, match="another config than the grid now gives"):
+    harness_cli.main(args, ["--grid", "cpu", "--workdir-root", str(root), "--only", "other"])
+  assert calls == [] and (run.workdir / "results.json").is_file()  # nothing moved or lost
+  saved["train"]["learning_rate"] = 2e-5
+  (run.workdir / "config.json").write_text(json.dumps(saved))
+  assert run.stale() == ""
+
+
 def test_docs_refreshes_marked_tables_and_keeps_the_prose(tmp_path):
   folder = tmp_path / "tables" / "toy" / "cpu"
   folder.mkdir(parents=True)
