@@ -145,7 +145,10 @@ def run(config, workdir, *, overwrite: bool = False, devices=None) -> dict:
                               label_key="label", true_label_key="truth", teacher=teacher)
   rounds = [_round_summary(teacher or workdir / "round-0", None)]
   rounds += [_round_summary(workdir / f"round-{h.round}", h) for h in history]
-  results = {**json.loads((final / "results.json").read_text()), "self_training": rounds}
+  # "self_training_last": the last round's entry again, as a dict a table can address by path
+  # (e.g. self_training_last/pseudo_label_accuracy, jaxft.harness.aggregate.lookup).
+  results = {**json.loads((final / "results.json").read_text()), "self_training": rounds,
+             "self_training_last": rounds[-1]}
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results
 

@@ -26,6 +26,7 @@ def test_a_round_trains_the_student_on_the_teachers_labels(tiny_bert_dir, tmp_pa
   assert r1["round"] == 1 and r1["pseudo_labeled"] == expected
   assert r1["train_examples"] == 16 + expected
   assert 0.0 <= r1["pseudo_label_accuracy"] <= 1.0
+  assert results["self_training_last"] == r1  # addressable by path in tables
   assert results["eval"] == json.loads((workdir / "round-1" / "results.json").read_text())["eval"]
 
   # The file holds the teacher's argmax for its 5 most confident rows of each predicted class.
