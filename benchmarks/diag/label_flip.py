@@ -48,7 +48,8 @@ def flip_rates(workdir) -> list[dict]:
   split = str(config.data.eval_split).split(",")[0]
   examples: Examples = data.examples[split]
   truth = np.asarray(examples.labels)
-  tok, bs, max_len = load_tokenizer(config.model.name), int(config.train.eval_batch_size), int(config.data.max_length)
+  tok = load_tokenizer(config.model.name)
+  bs, max_len = int(config.train.eval_batch_size), int(config.data.max_length)
   evaluator = Evaluator(setup)
 
   def encode(ex):

@@ -424,7 +424,8 @@ def softmatch(options, info) -> Objective:
   return _adaptive("softmatch", options, info, term, init, da)
 
 
-@register("fixmatch", defaults={**COMMON_OPTIONS, "threshold": 0.95, **NOISE_OPTIONS, **DIST_ALIGN_OPTIONS})
+@register("fixmatch", defaults={**COMMON_OPTIONS, "threshold": 0.95, **NOISE_OPTIONS,
+                                **DIST_ALIGN_OPTIONS})
 def fixmatch(options, info) -> Objective:
   """FixMatch (consistency.fixmatch_term); with dist_align, its aligned term with running state."""
   check_options("fixmatch", options, info)

@@ -360,8 +360,8 @@ def semi_objective(options, info, unsup, sup=None, **extra) -> Objective:
                    **extra)
 
 
-@register("pi_model", defaults={**COMMON_OPTIONS, "weight": 10.0, "rampup": "sigmoid", "rampup_steps": 1000,
-                                **NOISE_OPTIONS})
+@register("pi_model", defaults={**COMMON_OPTIONS, "weight": 10.0, "rampup": "sigmoid",
+                                "rampup_steps": 1000, **NOISE_OPTIONS})
 def pi_model(options, info) -> Objective:
   check_options("pi_model", options, info)
   return semi_objective(options, info, pi_model_term(noise_of(options)))

@@ -51,7 +51,8 @@ def cosine_pair_loss(embeddings: jax.Array, labels: jax.Array, weights: jax.Arra
 
 
 def contrastive_term(weight: float, temperature: float, loss: str, label_smoothing: float = 0.0):
-  """(1 - weight) CE + weight * contrastive loss of the pooled embeddings; metrics ce, contrastive."""
+  """(1 - weight) CE + weight * contrastive loss of the pooled embeddings; metrics ce,
+  contrastive, accuracy."""
 
   def term(apply_fn, params, batch, rng, ctx: StepContext):
     out = apply_fn(params, batch, rng=rng, deterministic=False)
