@@ -72,8 +72,7 @@ def check_workdir(workdir: pathlib.Path, config, overwrite: bool) -> str:
     # the old behaviour, so it is not a difference (else every new objective's options would
     # orphan every older workdir).
     diff = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS
-                  and not (k not in old and k in new))
+                  if k in old and old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS)
     if not diff:
       return "resume"
     if not others:
