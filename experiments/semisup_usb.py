@@ -165,6 +165,8 @@ GRIDS = {
             "self_training.teacher": From("ag_news_40-supervised"), "self_training.rounds": 2}),
         "ag_news_200-supervised": "ag_news_200/supervised",
         "ag_news_200-self_training": _self_training("ag_news_200"),
+        "ag_news_200-self_training-2": Row("ag_news_200/self_training", {
+            "self_training.teacher": From("ag_news_200-supervised"), "self_training.rounds": 2}),
     },
     # One seed of every online algorithm on MR-100 and AG News-40 with its pseudo-label trace, and
     # the self-training controls: student rows with *true* labels (true_label_rows below).

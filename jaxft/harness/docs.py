@@ -14,6 +14,8 @@ In the Markdown file, a generated part sits between two markers naming a publish
 
 and becomes: the command that reproduces the table, the machine, the date the runs finished (from
 table.json), the Markdown table (table.md without its title), and the plots when there are any.
+`<!-- jaxft-table tables/adversarial_glue/cpu wide -->` takes the wide form instead (table_wide.md:
+a line per row, a column per metric), for tables of many metrics.
 Everything outside the markers (the reading of each table) is left alone.
 """
 
@@ -24,13 +26,13 @@ import pathlib
 import re
 import sys
 
-BEGIN = re.compile(r"^<!-- jaxft-table (?P<folder>\S+) -->$", re.M)
+BEGIN = re.compile(r"^<!-- jaxft-table (?P<folder>\S+)(?P<wide> wide)? -->$", re.M)
 END = "<!-- /jaxft-table -->"
 
 
-def render(folder: pathlib.Path, relative: str) -> str:
+def render(folder: pathlib.Path, relative: str, wide: bool = False) -> str:
   """The generated text for one published table folder (paths in it relative to the doc)."""
-  md = folder / "table.md"
+  md = folder / ("table_wide.md" if wide else "table.md")
   if not md.is_file():
     raise FileNotFoundError(f"{md} not found: publish the table first (jaxft table "
                             "experiments/<x>.py --grid <g> --seeds N --publish)")
@@ -72,7 +74,7 @@ def assemble(path: str | pathlib.Path = "docs/results.md") -> list[str]:
     if end < 0:
       raise ValueError(f"{path}: the marker for {m['folder']} has no {END} after it")
     out.append(text[pos:m.end()])
-    out.append("\n" + render(path.parent / m["folder"], m["folder"]))
+    out.append("\n" + render(path.parent / m["folder"], m["folder"], wide=bool(m["wide"])))
     pos = end
     done.append(m["folder"])
   out.append(text[pos:])

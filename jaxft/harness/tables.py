@@ -1,6 +1,8 @@
 """Cells -> Markdown, LaTeX (booktabs) and CSV tables: ours (mean +/- sd, 95% CI) beside the paper.
 
 Columns: row, metric, n (seeds), mean +/- sd, 95% bootstrap CI, paper, diff (ours - paper).
+The wide form (table_wide.md) has a line per row and a column per metric (mean +/- sd), with a
+"paper" column beside each metric the paper reports, as papers print their tables.
 Numbers are shown with `digits` decimals; the CSV keeps full precision for further analysis.
 """
 
@@ -31,8 +33,7 @@ def _cells_text(c: Cell, digits: int) -> list[str]:
   s = c.summary
   mean_sd = _f(s.mean, digits) + ("" if s.n < 2 else f" ± {_f(s.sd, digits)}")
   ci = f"[{_f(s.ci_low, digits)}, {_f(s.ci_high, digits)}]"
-  metric = c.metric + (" (×100)" if c.scale == 100 else "")
-  return [c.row, metric, str(s.n), mean_sd, ci, _f(c.paper, digits), _signed(c.diff, digits)]
+  return [c.row, _metric_label(c), str(s.n), mean_sd, ci, _f(c.paper, digits), _signed(c.diff, digits)]
 
 
 def markdown(cells: Sequence[Cell], digits: int = 2, title: str | None = None) -> str:
@@ -41,6 +42,33 @@ def markdown(cells: Sequence[Cell], digits: int = 2, title: str | None = None) -
   lines.append("| " + " | ".join(["---"] * 2 + ["---:"] * (len(HEADER) - 2)) + " |")
   for c in cells:
     lines.append("| " + " | ".join(_cells_text(c, digits)) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _metric_label(c: Cell) -> str:
+  return c.metric + (" (×100)" if c.scale == 100 else "")
+
+
+def wide_markdown(cells: Sequence[Cell], digits: int = 2, title: str | None = None) -> str:
+  """A line per row, a column per metric (first-seen order); "–" where a row lacks the metric."""
+  rows = list(dict.fromkeys(c.row for c in cells))
+  metrics = list(dict.fromkeys(_metric_label(c) for c in cells))
+  by_key = {(c.row, _metric_label(c)): c for c in cells}
+  with_paper = {m for (_, m), c in by_key.items() if c.paper is not None}
+  header = ["row"]
+  for m in metrics:
+    header += [m] + ([f"paper: {m}"] if m in with_paper else [])
+  lines = [f"### {title}", ""] if title else []
+  lines.append("| " + " | ".join(header) + " |")
+  lines.append("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+  for row in rows:
+    out = [row]
+    for m in metrics:
+      c = by_key.get((row, m))
+      out.append("–" if c is None else _cells_text(c, digits)[3])
+      if m in with_paper:
+        out.append(_f(None if c is None else c.paper, digits))
+    lines.append("| " + " | ".join(out) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -92,11 +120,13 @@ def csv_text(cells: Sequence[Cell]) -> str:
 
 def write_all(cells: Sequence[Cell], root: str | pathlib.Path, title: str | None = None,
               digits: int = 2) -> dict[str, pathlib.Path]:
-  """Writes <root>/table.md, table.tex, table.csv; returns their paths."""
+  """Writes <root>/table.md, table_wide.md, table.tex, table.csv; returns their paths."""
   root = pathlib.Path(root)
   root.mkdir(parents=True, exist_ok=True)
-  paths = {"md": root / "table.md", "tex": root / "table.tex", "csv": root / "table.csv"}
+  paths = {"md": root / "table.md", "wide": root / "table_wide.md", "tex": root / "table.tex",
+           "csv": root / "table.csv"}
   paths["md"].write_text(markdown(cells, digits, title))
+  paths["wide"].write_text(wide_markdown(cells, digits, title))
   paths["tex"].write_text(latex(cells, digits, caption=title))
   paths["csv"].write_text(csv_text(cells))
   return paths

@@ -121,6 +121,20 @@ def test_tables_markdown_latex_csv(tmp_path):
   assert tables._tex_escape("a_b&c%\\") == r"a\_b\&c\%\textbackslash{}"
 
 
+def test_wide_markdown_has_a_line_per_row_and_a_column_per_metric(tmp_path):
+  rows = {"rte": [_results(0, 0.60, 0.5), _results(1, 0.70, 0.6)],
+          "mrpc": [_results(0, 0.80, 0.85)]}
+  cells = aggregate.build_cells(rows, {("mrpc", "f1"): 88.97}, metric="accuracy,f1")
+  lines = tables.wide_markdown(cells).splitlines()
+  assert lines[0] == "| row | accuracy (×100) | f1 (×100) | paper: f1 (×100) |"
+  assert lines[1] == "| --- | ---: | ---: | ---: |"
+  assert lines[2] == "| rte | 65.00 ± 7.07 | 55.00 ± 7.07 | – |"  # sd only with 2+ seeds
+  assert lines[3] == "| mrpc | 80.00 | 85.00 | 88.97 |" and len(lines) == 4
+  missing = [c for c in cells if (c.row, c.metric) != ("mrpc", "f1")]
+  assert tables.wide_markdown(missing).splitlines()[3] == "| mrpc | 80.00 | – |"
+  assert tables.write_all(cells, tmp_path)["wide"].read_text() == tables.wide_markdown(cells)
+
+
 def test_train_quarters_average_each_quarter_of_the_logged_steps(tmp_path):
   run = tmp_path / "run"
   run.mkdir()
