@@ -222,14 +222,9 @@ class Run:
   def stale(self) -> str:
     """Why this workdir's saved config is not the run's config (the experiment file or the
     overrides changed since it ran), or "" when it is the same run or has not started."""
-    if not (self.workdir / "config.json").is_file():
-      return ""
-    from jaxft.train.loop import check_workdir
-    try:
-      check_workdir(self.workdir, self.config(), overwrite=False)
-    except FileExistsError as e:
-      return str(e).split(" Use another --workdir")[0]
-    return ""
+    from jaxft.train.loop import config_change
+    change = config_change(self.workdir, self.config())
+    return f"workdir {self.workdir} holds a different experiment ({change})" if change else ""
 
   def cli_args(self) -> list[str]:
     """The `jaxft train` command line that runs this cell (its inputs made first)."""

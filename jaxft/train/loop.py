@@ -55,6 +55,23 @@ def _flat_config(config) -> dict:
   return out
 
 
+def config_change(workdir: pathlib.Path, config) -> str:
+  """How `config` differs from the config.json saved in `workdir` ("key: old -> new, ..."), or ""
+  when it is the same experiment or nothing is saved there.
+
+  A key the saved config lacks is an option added to jaxft since that run: its default keeps the
+  old behaviour, so it is not a difference (else every new objective's options would orphan every
+  older workdir). Keys that a resume may change (_RESUMABLE_KEYS) are no difference either."""
+  saved = workdir / "config.json"
+  if not saved.exists():
+    return ""
+  old = _flat_config(json.loads(saved.read_text()))
+  new = _flat_config(config)
+  diff = sorted(k for k in old if old[k] != new.get(k) and k not in _RESUMABLE_KEYS)
+  shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+  return shown + (" ..." if len(diff) > 6 else "")
+
+
 def check_workdir(workdir: pathlib.Path, config, overwrite: bool) -> str:
   """What recording `config` in `workdir` will do, without touching it: "resume" (it holds this
   experiment), "new" (absent or empty) or "replace" (overwrite=True over another experiment or
@@ -63,26 +80,18 @@ def check_workdir(workdir: pathlib.Path, config, overwrite: bool) -> str:
   A config.json alone (no metrics, no checkpoints) is a start that never ran, e.g. one written
   by jaxft before inputs were validated first: it is moved aside ("replace") without --overwrite.
   """
-  saved = workdir / "config.json"
   others = [p for p in workdir.iterdir() if p.name != "config.json"] if workdir.is_dir() else []
-  if saved.exists():
-    old = _flat_config(json.loads(saved.read_text()))
-    new = _flat_config(config)
-    # A key the saved config lacks is an option added to jaxft since that run: its default keeps
-    # the old behaviour, so it is not a difference (else every new objective's options would
-    # orphan every older workdir).
-    diff = sorted(k for k in set(old) | set(new)
-                  if k in old and old.get(k) != new.get(k) and k not in _RESUMABLE_KEYS)
-    if not diff:
+  if (workdir / "config.json").exists():
+    change = config_change(workdir, config)
+    if not change:
       return "resume"
     if not others:
       log.warning("workdir %s holds only the config.json of a start that never ran; it moves "
                   "aside once this run's inputs validate", workdir)
       return "replace"
     if not overwrite:
-      shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
       raise FileExistsError(
-          f"workdir {workdir} holds a different experiment ({shown}{' ...' if len(diff) > 6 else ''})."
+          f"workdir {workdir} holds a different experiment ({change})."
           " Use another --workdir, or pass --overwrite to move the old one aside and start fresh.")
     return "replace"
   if not others:
