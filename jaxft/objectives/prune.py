@@ -373,13 +373,15 @@ def make_prune_step(apply_fn, terms: Mapping[str, Weighted], tx: optax.GradientT
 # output projection is linear, that is the same as scaling the rows h*d:(h+1)*d of its kernel by
 # xi_h, so importance and masking are params transforms and need nothing from the model port.
 
-# (query, key, value, output) module paths under ".../layer_<i>/" for the ported families.
+# (query, key, value, output) module paths under ".../layer_<i>/" for the ported families;
+# ModernBERT's fused attn/Wqkv is all three, its columns [q | k | v] of N heads each.
 HEAD_LAYOUTS = (
     ("attention/self/query", "attention/self/key", "attention/self/value", "attention/output/dense"),
     ("attention/attn/q", "attention/attn/k", "attention/attn/v", "attention/attn/o"),
     ("attention/q_lin", "attention/k_lin", "attention/v_lin", "attention/out_lin"),
     ("attention/self/query_proj", "attention/self/key_proj", "attention/self/value_proj",
      "attention/output/dense"),
+    ("attn/Wqkv", "attn/Wqkv", "attn/Wqkv", "attn/Wo"),
 )
 
 
@@ -456,18 +458,23 @@ def heads_to_prune(importance: jax.Array, *, per_layer: int | None = None,
   return keep | best
 
 
+def _kept_columns(flat: Mapping, q: str, k: str, v: str, keep_row) -> dict:
+  """{q/k/v module: bool [its output columns]} for one layer's kept heads [N]."""
+  n = keep_row.shape[0]
+  if q == k == v:  # fused, columns [q | k | v]
+    return {q: jnp.tile(jnp.repeat(keep_row, flat[f"{q}/kernel"].shape[1] // (3 * n)), 3)}
+  return {mod: jnp.repeat(keep_row, flat[f"{mod}/kernel"].shape[1] // n) for mod in (q, k, v)}
+
+
 def head_weight_masks(flat: Mapping, keep: jax.Array) -> dict:
   """keep [L, N] -> weight masks (for `init_pruning(masks=...)`, method="fixed") zeroing the
   pruned heads' q/k/v kernel columns and output kernel rows."""
-  mods = attention_modules(flat)
-  n = keep.shape[1]
   masks = {}
-  for layer, (q, k, v, o) in enumerate(mods):
-    d = flat[f"{q}/kernel"].shape[1] // n
-    cols = jnp.repeat(keep[layer], d)
-    for mod in (q, k, v):
+  for layer, (q, k, v, o) in enumerate(attention_modules(flat)):
+    for mod, cols in _kept_columns(flat, q, k, v, keep[layer]).items():
       masks[f"{mod}/kernel"] = jnp.broadcast_to(cols[None, :], flat[f"{mod}/kernel"].shape)
-    masks[f"{o}/kernel"] = jnp.broadcast_to(cols[:, None], flat[f"{o}/kernel"].shape)
+    rows = jnp.repeat(keep[layer], flat[f"{o}/kernel"].shape[0] // keep.shape[1])
+    masks[f"{o}/kernel"] = jnp.broadcast_to(rows[:, None], flat[f"{o}/kernel"].shape)
   return masks
 
 
@@ -490,19 +497,18 @@ def export_head_pruned(params, config, keep: jax.Array):
   mods = attention_modules(flat)
   n = keep.shape[1]
   for layer, (q, k, v, o) in enumerate(mods):
-    for mod in (q, k, v, o):
+    for mod in dict.fromkeys((q, k, v, o)):
       extra = [p for p in flat if p.startswith(mod + "/") and p.rsplit("/", 1)[1] not in
                ("kernel", "bias")]
       if extra:
         raise ValueError(f"{extra[0]}: merge or drop PEFT parameters before exporting pruned heads")
-    d = flat[f"{q}/kernel"].shape[1] // n
-    cols = jnp.asarray(np.repeat(keep[layer], d))
-    idx = jnp.nonzero(cols)[0]
-    for mod in (q, k, v):
+    for mod, cols in _kept_columns(flat, q, k, v, keep[layer]).items():
+      idx = jnp.asarray(np.nonzero(np.asarray(cols))[0])
       flat[f"{mod}/kernel"] = flat[f"{mod}/kernel"][:, idx]
       if f"{mod}/bias" in flat:
         flat[f"{mod}/bias"] = flat[f"{mod}/bias"][idx]
-    flat[f"{o}/kernel"] = flat[f"{o}/kernel"][idx, :]
+    rows = np.repeat(keep[layer], flat[f"{o}/kernel"].shape[0] // n)
+    flat[f"{o}/kernel"] = flat[f"{o}/kernel"][jnp.asarray(np.nonzero(rows)[0]), :]
   # MPNet shares one relative-position bias table [buckets, N] across layers: its columns can only
   # be sliced when every layer keeps the same heads.
   for path in [p for p in flat if p.endswith("relative_attention_bias/embedding")]:

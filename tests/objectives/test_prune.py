@@ -260,6 +260,37 @@ def test_head_pruned_export_matches_masked_model(bert):
                              .at[1].set(True))
 
 
+def test_head_pruned_export_of_a_fused_qkv_model_matches_the_masked_model():
+  """ModernBERT's attn/Wqkv holds [q | k | v]: a pruned head loses its columns in all three."""
+  cfg = {"model_type": "modernbert", "hidden_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 50,
+         "max_position_embeddings": 32, "local_attention": 4, "global_attn_every_n_layers": 2,
+         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1,
+         "sep_token_id": 2, "attention_bias": True}
+  model = init_random(cfg, head="sequence_classification", num_labels=3, seed=0,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+  flat = flatten(model.params)
+  assert [m[0].rsplit("/", 2)[-2:] for m in prune.attention_modules(flat)] == [["attn", "Wqkv"]] * 2
+  keep = jnp.array([[True, False, True, False], [False, True, True, False]])
+  masks = prune.head_weight_masks(flat, keep)
+  wqkv = next(k for k in masks if k.endswith("layer_0/attn/Wqkv/kernel"))
+  np.testing.assert_array_equal(masks[wqkv][0], np.tile(np.repeat(keep[0], 8), 3))
+  _, extras = prune.init_pruning(flat, {}, "fixed", masks=masks)
+  masked = prune.pruned_params(model.params, extras["masks"], "fixed")
+  params, arch = prune.export_head_pruned(model.params, model.module.cfg, keep)
+  assert arch.num_heads == 2 and arch.head_dim == 8
+  small = flatten(params)
+  assert small[wqkv].shape == (32, 48) and small[wqkv.replace("kernel", "bias")].shape == (48,)
+  assert small[wqkv.replace("Wqkv", "Wo")].shape == (16, 32)
+  pruned_model = dataclasses.replace(model, module=model.module.clone(cfg=arch), params=params)
+  batch = {k: v for k, v in text_batch(7).items() if k != "token_type_ids"}
+  want = jax.jit(model.apply)(masked, batch).logits
+  np.testing.assert_allclose(jax.jit(pruned_model.apply)(params, batch).logits, want, atol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(model.apply)(prune.head_masked_params(model.params, keep, 4), batch).logits, want,
+      atol=1e-6)
+
+
 def nan_when_poisoned(apply_fn, params, batch, rng, ctx):
   """A loss term that is 0 until batch["poison"] is set, then NaN (through the params)."""
   w = jax.tree_util.tree_leaves(params)[0].reshape(-1)[0]
