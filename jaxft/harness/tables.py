@@ -9,6 +9,7 @@ Numbers are shown with `digits` decimals; the CSV keeps full precision for furth
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import pathlib
@@ -19,10 +20,10 @@ from jaxft.harness.aggregate import Cell
 HEADER = ("row", "metric", "n", "mean ± sd", "95% CI", "paper", "diff")
 
 
-def _f(x: float | None, digits: int) -> str:
+def _f(x: float | None, digits: int, count: bool = False) -> str:
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "–"
-  return f"{x:.{digits}f}"
+  return f"{x:,.0f}" if count else f"{x:.{digits}f}"
 
 
 def _signed(x: float | None, digits: int) -> str:
@@ -31,9 +32,13 @@ def _signed(x: float | None, digits: int) -> str:
 
 def _cells_text(c: Cell, digits: int) -> list[str]:
   s = c.summary
-  mean_sd = _f(s.mean, digits) + ("" if s.n < 2 else f" ± {_f(s.sd, digits)}")
-  ci = f"[{_f(s.ci_low, digits)}, {_f(s.ci_high, digits)}]"
-  return [c.row, _metric_label(c), str(s.n), mean_sd, ci, _f(c.paper, digits), _signed(c.diff, digits)]
+  # Counts (parameters, steps) read as 22,713,986 rather than 22713986.00.
+  count = s.n > 0 and abs(s.mean) >= 1000 and all(float(v).is_integer() for v in s.values)
+  f = functools.partial(_f, digits=digits, count=count)
+  mean_sd = f(s.mean) + ("" if s.n < 2 else f" ± {f(s.sd)}")
+  ci = f"[{f(s.ci_low)}, {f(s.ci_high)}]"
+  return [c.row, _metric_label(c), str(s.n), mean_sd, ci, _f(c.paper, digits),
+          _signed(c.diff, digits)]
 
 
 def markdown(cells: Sequence[Cell], digits: int = 2, title: str | None = None) -> str:
@@ -85,13 +90,10 @@ def latex(cells: Sequence[Cell], digits: int = 2, caption: str | None = None,
   out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{llrrrrr}", r"\toprule",
          r"Row & Metric & $n$ & Mean $\pm$ sd & 95\% CI & Paper & Diff \\", r"\midrule"]
   for c in cells:
-    s = c.summary
-    mean_sd = _f(s.mean, digits) + ("" if s.n < 2 else rf" $\pm$ {_f(s.sd, digits)}")
-    ci = f"[{_f(s.ci_low, digits)}, {_f(s.ci_high, digits)}]"
-    paper = _f(c.paper, digits).replace("–", "--")
-    diff = _signed(c.diff, digits).replace("–", "--")
+    _, _, n, mean_sd, ci, paper, diff = (t.replace("–", "--") for t in _cells_text(c, digits))
+    mean_sd = mean_sd.replace(" ± ", r" $\pm$ ")
     metric = _tex_escape(c.metric) + (r" ($\times$100)" if c.scale == 100 else "")
-    out.append(f"{_tex_escape(c.row)} & {metric} & {s.n} & {mean_sd} & {ci} & {paper} & {diff} \\\\")
+    out.append(f"{_tex_escape(c.row)} & {metric} & {n} & {mean_sd} & {ci} & {paper} & {diff} \\\\")
   out += [r"\bottomrule", r"\end{tabular}"]
   if caption:
     out.append(rf"\caption{{{_tex_escape(caption)}}}")

@@ -133,6 +133,9 @@ def test_wide_markdown_has_a_line_per_row_and_a_column_per_metric(tmp_path):
   missing = [c for c in cells if (c.row, c.metric) != ("mrpc", "f1")]
   assert tables.wide_markdown(missing).splitlines()[3] == "| mrpc | 80.00 | – |"
   assert tables.write_all(cells, tmp_path)["wide"].read_text() == tables.wide_markdown(cells)
+  params = {"full": [{**_results(0, 0.8, 0.8), "trainable_params": 22713986}]}
+  cells = aggregate.build_cells(params, metric="accuracy,trainable_params", units="raw")
+  assert tables.wide_markdown(cells).splitlines()[2] == "| full | 0.80 | 22,713,986 |"  # a count
 
 
 def test_train_quarters_average_each_quarter_of_the_logged_steps(tmp_path):
