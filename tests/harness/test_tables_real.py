@@ -167,5 +167,9 @@ def test_table_of_real_runs_reuses_finished_ones_and_restarts_a_killed_one(
   assert calls == ["student/seed1"]
   assert {p: p.stat().st_mtime_ns for p in root.glob("*/seed*/results.json")} == everything
   assert (published / "table.md").read_text() == md
-  assert {p.name for p in published.iterdir()} == {"table.md", "table.tex", "table.csv",
-                                                   "table.json", "bars.png", "curves.png"}
+  assert {p.name for p in published.iterdir()} == {"table.md", "table_wide.md", "table.tex",
+                                                   "table.csv", "table.json", "bars.png",
+                                                   "curves.png"}
+  wide = [line for line in (published / "table_wide.md").read_text().splitlines()
+          if line.startswith("| teacher |")]
+  assert wide[0].startswith(f"| teacher | {acc.mean():.2f} ± {np.std(acc, ddof=1):.2f} | 55.00 |")
