@@ -3,6 +3,8 @@ docs assembly. The real end-to-end runs (tables, reuse, a killed run) are test_t
 
 import argparse
 import json
+import pathlib
+import shutil
 import textwrap
 
 import pytest
@@ -159,6 +161,19 @@ def test_cli_refuses_runs_of_an_older_config_before_running(experiment, tmp_path
   saved["train"]["learning_rate"] = 2e-5
   (run.workdir / "config.json").write_text(json.dumps(saved))
   assert run.stale() == ""
+
+
+def test_results_md_holds_exactly_the_published_tables(tmp_path):
+  """docs/results.md's generated parts are what `jaxft table --docs` writes from docs/tables/, and
+  every published table appears in it."""
+  repo_docs = pathlib.Path(__file__).resolve().parents[2] / "docs"
+  shutil.copytree(repo_docs / "tables", tmp_path / "tables")
+  doc = tmp_path / "results.md"
+  doc.write_text((repo_docs / "results.md").read_text())
+  filled = docs.assemble(doc)
+  assert doc.read_text() == (repo_docs / "results.md").read_text(), "run `jaxft table --docs`"
+  published = {str(p.parent.relative_to(tmp_path)) for p in tmp_path.glob("tables/**/table.md")}
+  assert published == set(filled), published ^ set(filled)
 
 
 def test_docs_refreshes_marked_tables_and_keeps_the_prose(tmp_path):
