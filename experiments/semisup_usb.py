@@ -50,10 +50,10 @@ quarter; the table reports the final step (best eval as a second column, never u
 
 Grid "cpu" (3 seeds, about 4 hours on 2 CPU cores): labelled-only and contrastive on MR-20;
 labelled-only and Noisy Student (its teacher the same seed's labelled-only run) on MR-100, AG
-News-40, AG News-200 and BBC News-20, and a second Noisy Student round on AG News-40. Grid "cpu_diag" (one
-seed): the online algorithms on MR-100 and AG News-40, logging their pseudo-labels' accuracy from
-the pool's true labels (data.unlabeled_label_metrics, never a target), and the self-training
-controls trained on *true* labels of round 1's rows and of as many random pool rows.
+News-40, AG News-200 and BBC News-20, and a second Noisy Student round on AG News-40. Grid
+"cpu_diag" (one seed): the online algorithms on MR-100 and AG News-40, logging their pseudo-labels'
+accuracy from the pool's true labels (data.unlabeled_label_metrics, never a target), and the
+self-training controls trained on *true* labels of round 1's rows and of as many random pool rows.
 
 Expected (grid "cpu", 2-core CPU VM, 2026-11-30, final-step accuracy %, seeds 0 / 1 / 2 -> mean):
 | mr_20-supervised            | 60.19 / 61.51 / 63.77 -> 61.82 (frozen-embedding LR: 57.6 / 62.7 / 56.9) |

@@ -458,23 +458,28 @@ def heads_to_prune(importance: jax.Array, *, per_layer: int | None = None,
   return keep | best
 
 
-def _kept_columns(flat: Mapping, q: str, k: str, v: str, keep_row) -> dict:
-  """{q/k/v module: bool [its output columns]} for one layer's kept heads [N]."""
+def _kept_slices(flat: Mapping, layer_modules, keep_row) -> tuple[dict, jax.Array]:
+  """For one layer's (q, k, v, o) and kept heads [N]: ({q/k/v module: bool [its output
+  columns]}, bool [o's input rows]). A fused qkv module (q == k == v) has columns [q | k | v]."""
+  q, k, v, o = layer_modules
   n = keep_row.shape[0]
-  if q == k == v:  # fused, columns [q | k | v]
-    return {q: jnp.tile(jnp.repeat(keep_row, flat[f"{q}/kernel"].shape[1] // (3 * n)), 3)}
-  return {mod: jnp.repeat(keep_row, flat[f"{mod}/kernel"].shape[1] // n) for mod in (q, k, v)}
+  if q == k == v:
+    cols = {q: jnp.tile(jnp.repeat(keep_row, flat[f"{q}/kernel"].shape[1] // (3 * n)), 3)}
+  else:
+    cols = {mod: jnp.repeat(keep_row, flat[f"{mod}/kernel"].shape[1] // n) for mod in (q, k, v)}
+  return cols, jnp.repeat(keep_row, flat[f"{o}/kernel"].shape[0] // n)
 
 
 def head_weight_masks(flat: Mapping, keep: jax.Array) -> dict:
   """keep [L, N] -> weight masks (for `init_pruning(masks=...)`, method="fixed") zeroing the
   pruned heads' q/k/v kernel columns and output kernel rows."""
   masks = {}
-  for layer, (q, k, v, o) in enumerate(attention_modules(flat)):
-    for mod, cols in _kept_columns(flat, q, k, v, keep[layer]).items():
+  for layer, mods in enumerate(attention_modules(flat)):
+    columns, rows = _kept_slices(flat, mods, keep[layer])
+    for mod, cols in columns.items():
       masks[f"{mod}/kernel"] = jnp.broadcast_to(cols[None, :], flat[f"{mod}/kernel"].shape)
-    rows = jnp.repeat(keep[layer], flat[f"{o}/kernel"].shape[0] // keep.shape[1])
-    masks[f"{o}/kernel"] = jnp.broadcast_to(rows[:, None], flat[f"{o}/kernel"].shape)
+    out = f"{mods[3]}/kernel"
+    masks[out] = jnp.broadcast_to(rows[:, None], flat[out].shape)
   return masks
 
 
@@ -494,21 +499,19 @@ def export_head_pruned(params, config, keep: jax.Array):
     raise ValueError(f"layers keep different head counts {sorted(counts)}; the model config has one "
                      "num_heads for all layers, so export needs heads_to_prune(per_layer=k)")
   flat = dict(flatten(params))
-  mods = attention_modules(flat)
-  n = keep.shape[1]
-  for layer, (q, k, v, o) in enumerate(mods):
+  for layer, (q, k, v, o) in enumerate(attention_modules(flat)):
     for mod in dict.fromkeys((q, k, v, o)):
       extra = [p for p in flat if p.startswith(mod + "/") and p.rsplit("/", 1)[1] not in
                ("kernel", "bias")]
       if extra:
         raise ValueError(f"{extra[0]}: merge or drop PEFT parameters before exporting pruned heads")
-    for mod, cols in _kept_columns(flat, q, k, v, keep[layer]).items():
-      idx = jnp.asarray(np.nonzero(np.asarray(cols))[0])
+    columns, rows = _kept_slices(flat, (q, k, v, o), jnp.asarray(keep[layer]))
+    for mod, cols in columns.items():
+      idx = jnp.asarray(np.flatnonzero(np.asarray(cols)))
       flat[f"{mod}/kernel"] = flat[f"{mod}/kernel"][:, idx]
       if f"{mod}/bias" in flat:
         flat[f"{mod}/bias"] = flat[f"{mod}/bias"][idx]
-    rows = np.repeat(keep[layer], flat[f"{o}/kernel"].shape[0] // n)
-    flat[f"{o}/kernel"] = flat[f"{o}/kernel"][jnp.asarray(np.nonzero(rows)[0]), :]
+    flat[f"{o}/kernel"] = flat[f"{o}/kernel"][jnp.asarray(np.flatnonzero(np.asarray(rows))), :]
   # MPNet shares one relative-position bias table [buckets, N] across layers: its columns can only
   # be sliced when every layer keeps the same heads.
   for path in [p for p in flat if p.endswith("relative_attention_bias/embedding")]:

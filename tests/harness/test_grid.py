@@ -198,7 +198,8 @@ def test_docs_refreshes_marked_tables_and_keeps_the_prose(tmp_path):
   assert "| a | b |" in text and "### toy" not in text
   assert "![bars](tables/toy/cpu/bars.png)" in text and "curves.png" not in text
   assert docs.assemble(doc) == ["tables/toy/cpu"] and doc.read_text() == text  # idempotent
-  (folder / "table_wide.md").write_text("### toy, grid cpu\n\n| row | acc | f1 |\n| --- | --- | --- |\n")
+  (folder / "table_wide.md").write_text(
+      "### toy, grid cpu\n\n| row | acc | f1 |\n| --- | --- | --- |\n")
   doc.write_text("<!-- jaxft-table tables/toy/cpu wide -->\n<!-- /jaxft-table -->\n")
   assert docs.assemble(doc) == ["tables/toy/cpu"] and "| row | acc | f1 |" in doc.read_text()
   assert "| a | b |" not in doc.read_text()
