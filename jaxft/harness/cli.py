@@ -6,6 +6,7 @@ one finished workdir; with --docs, docs/results.md refreshed from the published 
     jaxft table experiments/glue_small.py --seeds 5                   # the first grid ("paper")
     jaxft table experiments/glue_small.py --seeds 2 --only rte,mrpc --config.train.num_steps=50
     jaxft table experiments/glue_small.py --grid cpu --dry-run        # the runs and their state
+    jaxft table experiments/prune_movement.py --grid cpu --reuse      # same runs elsewhere: copied
     jaxft table experiments/glue_small.py --grid cpu --no-run --publish   # -> docs/tables/...
     jaxft table --docs [docs/results.md]                              # refresh its tables
     jaxft table experiments/glue_small.py --search random --trials 8 --only rte
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-run", action="store_true", help="aggregate the finished runs only")
   p.add_argument("--keep-going", action="store_true",
                  help="a failing run is reported and the grid goes on (rerun to resume it)")
+  p.add_argument("--reuse", nargs="?", const="workdirs", default="", metavar="DIR",
+                 help="a run not made yet is first looked for among the finished runs under DIR "
+                 "(default workdirs): one whose saved config gives the same settings, from "
+                 "another experiment file say, is copied (checkpoints hard-linked), not rerun")
   p.add_argument("--publish", nargs="?", const="auto", default="", metavar="DIR",
                  help="also copy the tables, plots and table.json to DIR (default "
                  "docs/tables/<experiment stem>/<grid>), where --docs finds them")
@@ -179,6 +184,8 @@ def _table(args, opts, overrides) -> int:
   if opts.dry_run:
     for r in runs:
       needs = "".join(f" (after {i.source.row})" for i in r.inputs)
+      same = grid.same_run(r, pathlib.Path(opts.reuse)) if opts.reuse and r.status() == "new" else None
+      needs += f" (reuses {same})" if same else ""
       print(f"{r.status():8s} {r.name:24s} {r.workdir}  jaxft {shlex.join(r.cli_args())}{needs}")
     return 0
   for r in runs:  # fail on a bad override or grid arg now, not after hours of other runs
@@ -192,7 +199,8 @@ def _table(args, opts, overrides) -> int:
         "elsewhere")
   if not opts.no_run:
     try:
-      grid.run_grid(runs, keep_going=opts.keep_going)
+      grid.run_grid(runs, keep_going=opts.keep_going,
+                    reuse=pathlib.Path(opts.reuse) if opts.reuse else None)
     except Exception as e:  # noqa: BLE001
       if not grid.is_preemption(e):
         raise

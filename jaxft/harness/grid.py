@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import time
 import types
@@ -356,14 +357,55 @@ def default_run_fn(config, workdir) -> dict:
   return recipes.run(config, workdir)
 
 
+def same_run(run: Run, search: pathlib.Path) -> pathlib.Path | None:
+  """A finished workdir under `search` whose saved config gives this run's settings (another
+  experiment's identical baseline, say: the `experiment` key names the file, not a setting), or
+  None. The comparison is the one resuming uses (jaxft.train.loop.config_change)."""
+  from jaxft.train.loop import config_change
+  config = run.config()
+  mine = run.workdir.resolve()
+  for results in sorted(search.glob("**/results.json")):
+    workdir = results.parent
+    if (workdir.resolve() != mine and (workdir / "config.json").is_file()
+        and not config_change(workdir, config)):
+      return workdir
+  return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  """Checkpoint arrays are hard-linked (written once, never in place); the small files a later
+  evaluation or export may rewrite (JSON, logs) are copied, so the source never changes."""
+  if os.path.getsize(src) >= 1 << 20:
+    try:
+      os.link(src, dst)
+      return
+    except OSError:  # another file system
+      pass
+  shutil.copy2(src, dst)
+
+
+def adopt(run: Run, source: pathlib.Path) -> None:
+  """Makes run.workdir a copy of the finished `source` workdir (whole, or not at all)."""
+  tmp = run.workdir.with_name(run.workdir.name + ".adopting")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.parent.mkdir(parents=True, exist_ok=True)
+  shutil.copytree(source, tmp, copy_function=_link_or_copy)
+  if run.workdir.is_dir():
+    run.workdir.rmdir()  # empty: a start that made nothing
+  os.replace(tmp, run.workdir)
+  log.info("%s: the same run finished in %s; taken from there, not rerun", run.name, source)
+
+
 def run_grid(runs: Sequence[Run], run_fn: RunFn | None = None, *, keep_going: bool = False,
-             progress: GridProgress | None = None) -> dict[str, list[dict]]:
+             progress: GridProgress | None = None,
+             reuse: pathlib.Path | None = None) -> dict[str, list[dict]]:
   """Runs every unfinished cell with run_fn(config, workdir) (default jaxft.recipes.run).
 
   Finished cells (results.json present) are read, not rerun; pruned cells (a search stopped them)
-  are skipped. keep_going: a run that raises is reported and the grid goes on (its workdir stays
-  resumable); otherwise the exception propagates after the progress line. Returns
-  {row: [results dicts of the finished seeds, in seed order]}.
+  are skipped. reuse: a cell not started yet is first looked for under this folder (same_run)
+  and, when found, copied instead of run. keep_going: a run that raises is reported and the grid
+  goes on (its workdir stays resumable); otherwise the exception propagates after the progress
+  line. Returns {row: [results dicts of the finished seeds, in seed order]}.
   """
   run_fn = run_fn or default_run_fn
   progress = progress or GridProgress(len(runs))
@@ -372,6 +414,12 @@ def run_grid(runs: Sequence[Run], run_fn: RunFn | None = None, *, keep_going: bo
   for run in runs:
     out.setdefault(run.row, [])
     status = run.status()
+    fresh = not run.workdir.exists() or not any(run.workdir.iterdir())
+    if status == "new" and reuse is not None and fresh:
+      source = same_run(run, reuse)
+      if source is not None:
+        adopt(run, source)
+        status = run.status()
     skipped = status in ("done", "pruned")
     if skipped and not (status == "done" and run.needs_evaluation()):
       results = aggregate.read_results(run.workdir)

@@ -209,3 +209,33 @@ def test_docs_refreshes_marked_tables_and_keeps_the_prose(tmp_path):
   doc.write_text("<!-- jaxft-table tables/toy/cpu -->\n")
   with pytest.raises(ValueError, match="has no <!-- /jaxft-table -->"):
     docs.assemble(doc)
+
+
+def test_reuse_takes_a_finished_run_with_the_same_settings_from_another_folder(experiment,
+                                                                             tmp_path):
+  from jaxft import config as config_lib
+  calls = []
+
+  def train(config, workdir):
+    calls.append(workdir)
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+    (workdir / "checkpoints/params.bin").write_bytes(b"\0" * (2 << 20))
+    (workdir / "results.json").write_text(json.dumps(
+        {"main_metric": "accuracy", "eval": {"accuracy": 0.75}, "best": {"accuracy": 0.75}}))
+
+  elsewhere = tmp_path / "other_experiment"
+  grid.run_grid(grid.plan(experiment, {"large": "16"}, [0], elsewhere), run_fn=train)
+  assert len(calls) == 1
+  # the same settings under another row name and root; a row that differs in one setting
+  runs = grid.plan(experiment, {"big": "16", "small": "8"}, [0], tmp_path / "root")
+  assert grid.same_run(runs[0], tmp_path) == elsewhere / "large/seed0"
+  assert grid.same_run(runs[1], tmp_path) is None
+  out = grid.run_grid(runs, run_fn=train, reuse=tmp_path)
+  assert calls[1:] == [tmp_path / "root/small/seed0"]  # only the one that differs ran
+  assert out["big"][0]["eval"]["accuracy"] == 0.75
+  taken, source = tmp_path / "root/big/seed0", elsewhere / "large/seed0"
+  assert (taken / "checkpoints/params.bin").stat().st_ino == (
+      source / "checkpoints/params.bin").stat().st_ino  # hard-linked, not a second copy
+  (taken / "results.json").write_text("{}")  # small files are copies: the source keeps its own
+  assert json.loads((source / "results.json").read_text())["eval"]["accuracy"] == 0.75
