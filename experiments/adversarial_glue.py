@@ -20,15 +20,16 @@ Grid "cpu": the "mr" rows (the quickstart's data and schedule, jaxft.config.movi
 epoch of MR), each method at its defaults, then its best checkpoint attacked as
 `jaxft eval --pgd-eps 1,2,4 --pgd-steps 5 --pgd-examples 500 --synonym-attack 100` does: L2 PGD on
 the embedding output of the first 512 validation examples, and greedy WordNet synonym swaps (at
-most 20% of the words) on the first 100. Expected (2-core CPU VM, seed 0, 2026-11-27; accuracy %,
-PGD on 512 examples, synonyms on 100; step cost = the baseline's train examples/s over the row's):
+most 20% of the words) on the first 100. Expected (2-core CPU VM, seed 0, 2026-12-01; accuracy %,
+PGD on 512 examples, synonyms on 100; step cost = the baseline's train examples/s, 57.3, over the
+row's):
 | row | clean | PGD eps 1 | eps 2 | eps 4 | synonyms: clean / under attack | step cost |
 | mr-baseline | 84.25 | 53.52 | 19.34 | 3.32 | 82 / 31 | 1.00x |
-| mr-fgm | 82.45 | 69.73 | 46.68 | 10.74 | 80 / 39 | 1.73x |
-| mr-pgd | 83.77 | 66.99 | 41.99 | 6.84 | 81 / 40 | 2.74x |
-| mr-freelb | 84.62 | 58.40 | 27.34 | 1.95 | 80 / 34 | 2.38x |
-| mr-smart | 83.58 | 56.05 | 25.59 | 2.15 | 81 / 33 | 3.01x |
-| mr-vat | 84.34 | 65.04 | 39.45 | 6.64 | 83 / 38 | 1.86x |
+| mr-fgm | 82.45 | 69.73 | 46.68 | 10.74 | 80 / 39 | 2.06x |
+| mr-pgd | 83.77 | 66.99 | 41.99 | 6.84 | 81 / 40 | 3.07x |
+| mr-freelb | 84.62 | 58.40 | 27.34 | 1.95 | 80 / 34 | 3.08x |
+| mr-smart | 83.58 | 56.05 | 25.59 | 2.15 | 81 / 33 | 3.81x |
+| mr-vat | 84.34 | 65.23 | 39.45 | 6.84 | 83 / 38 | 2.27x |
 
 Published numbers (../shared/REFERENCES.md; BERT-base, so compare gains, not absolute values):
 | paper | setting | baseline | with the method |
