@@ -3,35 +3,26 @@
     python benchmarks/inference.py workdirs/cpu/baseline workdirs/cpu/kd-half [--repeats 3]
 
 For each workdir: load its best checkpoint (the weights `jaxft eval` scores: EMA/SWA, pruning
-masks and distilled students as trained), run the jitted eval forward over the whole eval split
-once to compile every bucket shape, then time `--repeats` more passes (device results fetched to
-the host, as evaluation does). Prints a Markdown table: parameters, accuracy, examples/s. Run it on
-an otherwise idle machine: other processes change the numbers.
+masks and distilled students as trained) and time its forward with
+`jaxft.train.evaluate.inference_speed` (one pass compiles every bucket shape, then the best of
+`--repeats` passes). Prints a Markdown table: parameters, accuracy, examples/s. A grid row gets
+the same number in its table with `Row(..., evaluate={"speed_passes": 3})`. Run it on an
+otherwise idle machine: other processes change the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def measure(workdir: str, repeats: int) -> dict:
   import jax
-  from jaxft.train.evaluate import Evaluator
+  from jaxft.train.evaluate import Evaluator, inference_speed
   from jaxft.train.restore import load_workdir
   setup, state = load_workdir(workdir)
-  ev = Evaluator(setup)
-  ev.logits_and_labels(state)  # compile every bucket shape
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    logits, _ = ev.logits_and_labels(state)
-    times.append(time.perf_counter() - t0)
-  n = len(logits)
-  params = sum(x.size for x in jax.tree_util.tree_leaves(
-      setup.eval_params(state.trainable, state.frozen, state.extras)))
-  return {"workdir": workdir, "params": params, "examples": n, "metrics": ev.evaluate(state),
-          "examples_per_s": n / min(times), "device": str(jax.devices()[0].device_kind)}
+  speed = inference_speed(setup, state, passes=repeats)
+  return {"workdir": workdir, **speed, "metrics": Evaluator(setup).evaluate(state),
+          "device": str(jax.devices()[0].device_kind)}
 
 
 def main(argv=None):

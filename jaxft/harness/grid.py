@@ -73,8 +73,8 @@ class From:
 class Row:
   """One row of a grid: get_config(arg), then `overrides` ({dotted key: value or From(...)}), then
   after training `evaluate`: keyword arguments of jaxft.train.restore.evaluate_workdir (what
-  `jaxft eval` takes: pgd_eps, pgd_steps, pgd_examples, synonym_examples, int8, split, which); its
-  eval_<split>_<which>.json joins the run's results for the table."""
+  `jaxft eval` takes: pgd_eps, pgd_steps, pgd_examples, synonym_examples, int8, split, which;
+  speed_passes times the forward); its eval_<split>_<which>.json joins the run's results."""
 
   arg: str | None = None
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -274,6 +274,8 @@ class Run:
       want.append("robustness")
     if self.evaluate.get("int8"):
       want.append("int8")
+    if self.evaluate.get("speed_passes"):
+      want.append("inference")
     return any(k not in have for k in want)
 
   def run_evaluation(self) -> None:

@@ -5,7 +5,8 @@ rows (example_mask = 0) are dropped, and `jaxft.eval.metrics.compute` names the 
 classification (NER) is scored over words, as conlleval does: each word takes its first
 sub-token's prediction (`pipeline.WordAlignment`), and truncated words count as "O".
 The weights evaluated are `Setup.eval_params` (EMA / SWA when train.eval_with says so, pruning
-masks applied); `int8_metrics` scores the same weights after post-training int8 quantization.
+masks applied); `int8_metrics` scores the same weights after post-training int8 quantization;
+`inference_speed` times the forward.
 """
 
 from __future__ import annotations
@@ -88,6 +89,27 @@ class Evaluator:
       return metrics_lib.compute(info, words.word_predictions(token_preds), words.gold)
     preds = metrics_lib.predictions_from_logits(info.kind, logits)
     return metrics_lib.compute(info, preds, labels)
+
+
+def inference_speed(setup, state, split: str | None = None, passes: int = 3) -> dict:
+  """Examples/s of the evaluated forward over one eval split: one pass compiles every bucket
+  shape, then the best of `passes` timed passes (logits fetched to the host, as evaluation does).
+  {"examples_per_s", "examples", "passes", "params"}: params counts the evaluated weights (a
+  distilled student's, a pruned model's before its zeros are dropped). Other work on the machine
+  changes the number."""
+  import time
+  if passes < 1:
+    raise ValueError(f"inference speed needs passes >= 1, got {passes}")
+  ev = Evaluator(setup, split)
+  ev.logits_and_labels(state)
+  times = []
+  for _ in range(passes):
+    t0 = time.perf_counter()
+    logits, _ = ev.logits_and_labels(state)
+    times.append(time.perf_counter() - t0)
+  params = jax.eval_shape(setup.eval_params, state.trainable, state.frozen, state.extras)
+  return {"examples_per_s": len(logits) / min(times), "examples": len(logits), "passes": passes,
+          "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))}
 
 
 def int8_metrics(setup, state, split: str | None = None) -> dict:

@@ -63,12 +63,14 @@ def load_workdir(workdir: str | pathlib.Path, which: str = "best", setup_fn=None
 def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
                      int8: bool = False, pgd_eps=(), pgd_steps: int = 10,
                      pgd_examples: int = 0, synonym_examples: int = 0, setup_fn=None,
-                     file: str | None = None) -> dict:
+                     file: str | None = None, speed_passes: int = 0) -> dict:
   """Metrics of the workdir's checkpoint on `split` (default: the run's first eval split) or on
   the local `file` in the task's format (`jaxft.data.tasks.read_file`); int8=True adds
   {"int8": {"eval", "size"}}: the same weights after post-training per-channel int8 quantization,
   and the size before and after. pgd_eps / synonym_examples add {"robustness": ...}
-  (`evaluate.robustness_metrics`). Written to <workdir>/eval_<split or file stem>_<which>.json."""
+  (`evaluate.robustness_metrics`); speed_passes > 0 adds {"inference": ...}, the forward's
+  examples/s, best of that many passes (`evaluate.inference_speed`).
+  Written to <workdir>/eval_<split or file stem>_<which>.json."""
   if split and file:
     raise ValueError("evaluate on --split or on --file, not both")
   name = None
@@ -77,9 +79,9 @@ def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
     split, name = tasks.file_split(file), "file_" + pathlib.Path(file).stem
   setup, state = load_workdir(workdir, which, setup_fn, eval_splits=[split] if split else [])
   if setup.evaluator is not None:  # a recipe's own evaluation (every task with its head)
-    if int8 or pgd_eps or synonym_examples:
-      raise ValueError(f"{workdir} is a multi-task run: --int8 / --pgd-eps / --synonym-attack "
-                       "score one task's model; evaluate without them")
+    if int8 or pgd_eps or synonym_examples or speed_passes:
+      raise ValueError(f"{workdir} is a multi-task run: --int8 / --pgd-eps / --synonym-attack / "
+                       "inference speed score one task's model; evaluate without them")
     metrics = setup.evaluator.evaluate(state)
   else:
     metrics = Evaluator(setup, split).evaluate(state)
@@ -91,6 +93,9 @@ def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
     metrics = {**metrics, "robustness": robustness_metrics(
         setup, state, split, epsilons=pgd_eps, pgd_steps=pgd_steps,
         pgd_examples=pgd_examples, synonym_examples=synonym_examples)}
+  if speed_passes:
+    from jaxft.train.evaluate import inference_speed
+    metrics = {**metrics, "inference": inference_speed(setup, state, split, speed_passes)}
   name = name or split or setup.config.data.eval_split.split(",")[0].strip()
   out = pathlib.Path(workdir) / f"eval_{name}_{which}.json"
   out.write_text(json.dumps(metrics, indent=2))
