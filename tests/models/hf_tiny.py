@@ -14,6 +14,12 @@ COMMON = dict(vocab_size=61, hidden_size=36, num_hidden_layers=2, num_attention_
               intermediate_size=50, max_position_embeddings=40)
 FAMILIES = ("bert", "roberta", "electra", "distilbert", "mpnet", "vit")
 PAD = {"bert": 0, "roberta": 1, "electra": 0, "distilbert": 0, "mpnet": 1}
+# What a family's objective sweep steps: one objective per way an objective reads the model
+# (logits with dropout; two dropout passes; unlabeled weak / strong views; a teacher copy of the
+# params in extras; the embedding-perturbation input; perturbation with extras; the pooled
+# embedding). The rest reuse these inputs; tests/objectives steps every one of them on BERT.
+FAMILY_OBJECTIVES = ("supervised", "rdrop", "fixmatch", "mean_teacher", "fgm", "smart",
+                     "contrastive")
 
 
 def hf_config(family: str, **kw):

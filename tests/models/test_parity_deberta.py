@@ -334,18 +334,19 @@ def one_layer_classifier(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_objective_and_peft_method_trains(one_layer_classifier):
-  """One step of each objective (full fine-tuning) and two of each PEFT method (supervised CE):
-  finite losses, no skipped step, frozen leaves bitwise unchanged, the trainable ones moved (all
-  of them for a PEFT method), and the default LoRA preset finds DeBERTa's query/value projections.
-  Eager (jax.disable_jit): the 19 step graphs share their primitives, so this costs about half of
-  compiling each step."""
+  """One step of an objective per way objectives read the model (hf_tiny.FAMILY_OBJECTIVES; full
+  fine-tuning) and two of each PEFT method (supervised CE): finite losses, no skipped step, frozen
+  leaves bitwise unchanged, the trainable ones moved (all of them for a PEFT method), and the
+  default LoRA preset finds DeBERTa's query/value projections. Eager (jax.disable_jit): the step
+  graphs share their primitives, so this costs about half of compiling each step."""
   layers = 1
   tc = base_config().train
   tc.learning_rate, tc.warmup_ratio, tc.schedule = 1e-2, 0.0, "constant"
   base = from_pretrained(one_layer_classifier, head="sequence_classification")
   b = train_batch()
   runs = {}
-  for name in objectives.names():
+  assert set(tiny.FAMILY_OBJECTIVES) <= set(objectives.names())
+  for name in tiny.FAMILY_OBJECTIVES:
     obj = objective(name)
     flat = flatten(base.params)
     tx = optax.adam(1e-3)
