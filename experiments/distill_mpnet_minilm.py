@@ -24,17 +24,18 @@ Arg: "<task>[,<variant>]", task in sst2, mrpc, cola, rte, stsb, mr. Variants:
 Loss (Hinton et al. 2015): alpha * CE + (1 - alpha) * T^2 * KL(teacher / T || student / T) with
 alpha 0.5, T 2. The grids run each teacher first and export it (`From(row, "export")`).
 
-Grid "cpu": MR for one epoch (jaxft.config.movie_reviews_cpu). Expected (2-core CPU VM, seed 0,
-2026-11-27; accuracy %):
-| row | params | accuracy |
-| minilm (MiniLM-L6, labels only; the teacher of the half students) | 22.7M | 84.25 |
-| half_alone | 17.4M | 82.36 |
-| half | 17.4M | 82.92 |
-| half_tinybert | 17.4M | 81.70 |
-| mpnet (MPNet-base fine-tuned, lr 5e-5) | 109.5M | 90.85 |
-| minilm-kd-mpnet | 22.7M | 84.15 |
-| l3-alone (MiniLM-L6 layers 0, 2, 4, labels only) | 17.4M | 80.28 |
-| l3-kd-mpnet | 17.4M | 80.85 |
+Grid "cpu": MR for one epoch (jaxft.config.movie_reviews_cpu); each row's best checkpoint is then
+timed over the validation split (inference examples/s, best of 3 passes). Expected (2-core CPU VM,
+seed 0, 2026-12-01; accuracy %; examples/s vary about +-9% between runs of one architecture):
+| row | params | accuracy | inference examples/s |
+| minilm (MiniLM-L6, labels only; the teacher of the half students) | 22.7M | 84.25 | 159 |
+| half_alone | 17.4M | 82.36 | 268 |
+| half | 17.4M | 82.92 | 296 |
+| half_tinybert | 17.4M | 81.70 | 319 |
+| mpnet (MPNet-base fine-tuned, lr 5e-5) | 109.5M | 91.32 | 24 |
+| minilm-kd-mpnet | 22.7M | 84.72 | 170 |
+| l3-alone (MiniLM-L6 layers 0, 2, 4, labels only) | 17.4M | 80.28 | 316 |
+| l3-kd-mpnet | 17.4M | 80.94 | 319 |
 
 Published numbers (../shared/REFERENCES.md; BERT-base teachers, GLUE dev):
 | model                       | SST-2 | MRPC | CoLA | RTE  | STS-B | note |
