@@ -34,7 +34,7 @@ def _eval(args, rest):
                              pgd_eps=eps, pgd_steps=args.pgd_steps,
                              pgd_examples=args.pgd_examples,
                              synonym_examples=args.synonym_attack, setup_fn=setup_for,
-                             file=args.file)
+                             file=args.file, speed_passes=args.speed_passes)
   print(json.dumps(metrics, indent=2))
   return 0
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="attack the first eval batches holding >= N examples (0 = all)")
   e.add_argument("--synonym-attack", type=int, default=0, metavar="N",
                  help="greedy WordNet synonym-swap attack on the split's first N texts")
+  e.add_argument("--speed-passes", type=int, default=0, metavar="N",
+                 help="also time the forward over the split: examples/s, best of N passes after "
+                 "a compiling one (run it on an otherwise idle machine)")
   e.set_defaults(fn=_eval)
 
   x = sub.add_parser("export", help="export a workdir's model in Hugging Face format")

@@ -184,8 +184,9 @@ def _table(args, opts, overrides) -> int:
   if opts.dry_run:
     for r in runs:
       needs = "".join(f" (after {i.source.row})" for i in r.inputs)
-      same = grid.same_run(r, pathlib.Path(opts.reuse)) if opts.reuse and r.status() == "new" else None
-      needs += f" (reuses {same})" if same else ""
+      if opts.reuse and r.status() == "new":
+        same = grid.same_run(r, pathlib.Path(opts.reuse))
+        needs += f" (reuses {same})" if same else ""
       print(f"{r.status():8s} {r.name:24s} {r.workdir}  jaxft {shlex.join(r.cli_args())}{needs}")
     return 0
   for r in runs:  # fail on a bad override or grid arg now, not after hours of other runs

@@ -73,8 +73,8 @@ class From:
 class Row:
   """One row of a grid: get_config(arg), then `overrides` ({dotted key: value or From(...)}), then
   after training `evaluate`: keyword arguments of jaxft.train.restore.evaluate_workdir (what
-  `jaxft eval` takes: pgd_eps, pgd_steps, pgd_examples, synonym_examples, int8, split, which;
-  speed_passes times the forward); its eval_<split>_<which>.json joins the run's results."""
+  `jaxft eval` takes: pgd_eps, pgd_steps, pgd_examples, synonym_examples, int8, speed_passes,
+  split, which); its eval_<split>_<which>.json joins the run's results for the table."""
 
   arg: str | None = None
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -259,9 +259,11 @@ def test_inference_benchmark_of_a_finished_workdir(supervised_run, capsys):
   assert row["metrics"]["accuracy"] == pytest.approx(results["best"]["accuracy"])
   mod.main([str(workdir), "--repeats", "1"])
   assert f"{100 * results['best']['accuracy']:.2f}" in capsys.readouterr().out
-  # the same measurement as a grid row's evaluation (evaluate={"speed_passes": N})
-  from jaxft.train.restore import evaluate_workdir
-  speed = evaluate_workdir(workdir, which="best", speed_passes=2)["inference"]
+  # the same measurement as a grid row's evaluation (evaluate={"speed_passes": N}) and
+  # `jaxft eval --speed-passes N`
+  from jaxft import cli
+  assert cli.main(["eval", "--workdir", str(workdir), "--speed-passes", "2"]) == 0
+  speed = json.loads((workdir / "eval_validation_best.json").read_text())["inference"]
   assert speed["examples"] == 32 and speed["passes"] == 2 and speed["examples_per_s"] > 0
   assert speed["params"] == results["total_params"]
   with pytest.raises(ValueError, match="passes >= 1"):
