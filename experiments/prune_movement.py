@@ -34,10 +34,10 @@ epoch (2,104 steps). Expected (2-core CPU VM, seed 0, 2026-11-27; accuracy %):
 | magnitude-0.9-kd / -0.97-kd | 90% / 97% | 75.94 / 62.55 |
 | soft_movement-0.9 | 0% | 84.06 |
 | mpnet-magnitude-0.9 | 90% | 57.55 |
-| sst2-dense (grid cpu_sst2) | 0 | 89.33 |
-| sst2-magnitude-0.9 | 90% | 81.77 |
-| sst2-soft_movement-0.9 | 80.8% | 89.33 |
-| sst2-magnitude-0.808 | 80.8% | 85.55 |
+| sst2-dense (grid cpu_sst2, 2026-12-01) | 0 | 89.33 |
+| sst2-magnitude-0.9 | 90% | 82.22 |
+| sst2-soft_movement-0.9 | 80.8% | 88.99 |
+| sst2-magnitude-0.808 | 80.8% | 85.32 |
 
 Published numbers (movement pruning paper, BERT-base + distillation, dev; ../shared/REFERENCES.md),
 at 10% / 3% of encoder weights remaining:
