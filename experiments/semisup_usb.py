@@ -145,9 +145,8 @@ def _controls() -> dict:
 def _self_training(setting: str, rounds: int = 1) -> Row:
   """Noisy Student from the same seed's labelled-only run (its teacher: no second round 0); with
   rounds = 2, round 1's student labels the pool for a fresh student."""
-  extra = {"self_training.rounds": rounds} if rounds != 1 else {}
-  return Row(f"{setting}/self_training",
-             {"self_training.teacher": From(f"{setting}-supervised"), **extra})
+  return Row(f"{setting}/self_training", {"self_training.teacher": From(f"{setting}-supervised"),
+                                          "self_training.rounds": rounds})
 
 
 def _diagnosed(setting: str, algorithm: str) -> Row:

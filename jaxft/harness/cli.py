@@ -1,6 +1,7 @@
 """`jaxft table`: grid x seeds -> table.md (and its wide form) / table.tex / table.csv /
-table.json / curves.png / bars.png; with --search, a hyperparameter search per row; with --analyze, a report on
-one finished workdir; with --docs, docs/results.md refreshed from the published tables.
+table.json / curves.png / bars.png; with --search, a hyperparameter search per row; with
+--analyze, a report on one finished workdir; with --docs, docs/results.md refreshed from the
+published tables.
 
     jaxft table experiments/glue_small.py --grid cpu --seeds 3        # the CPU-sized table
     jaxft table experiments/glue_small.py --seeds 5                   # the first grid ("paper")

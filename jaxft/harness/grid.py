@@ -416,8 +416,8 @@ def run_grid(runs: Sequence[Run], run_fn: RunFn | None = None, *, keep_going: bo
   for run in runs:
     out.setdefault(run.row, [])
     status = run.status()
-    fresh = not run.workdir.exists() or not any(run.workdir.iterdir())
-    if status == "new" and reuse is not None and fresh:
+    if status == "new" and reuse is not None and not (
+        run.workdir.is_dir() and any(run.workdir.iterdir())):
       source = same_run(run, reuse)
       if source is not None:
         adopt(run, source)

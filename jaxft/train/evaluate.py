@@ -11,6 +11,8 @@ masks applied); `int8_metrics` scores the same weights after post-training int8 
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,7 +99,6 @@ def inference_speed(setup, state, split: str | None = None, passes: int = 3) -> 
   {"examples_per_s", "examples", "passes", "params"}: params counts the evaluated weights (a
   distilled student's, a pruned model's before its zeros are dropped). Other work on the machine
   changes the number."""
-  import time
   if passes < 1:
     raise ValueError(f"inference speed needs passes >= 1, got {passes}")
   ev = Evaluator(setup, split)

@@ -81,7 +81,7 @@ def evaluate_workdir(workdir, split: str | None = None, which: str = "best",
   if setup.evaluator is not None:  # a recipe's own evaluation (every task with its head)
     if int8 or pgd_eps or synonym_examples or speed_passes:
       raise ValueError(f"{workdir} is a multi-task run: --int8 / --pgd-eps / --synonym-attack / "
-                       "inference speed score one task's model; evaluate without them")
+                       "--speed-passes score one task's model; evaluate without them")
     metrics = setup.evaluator.evaluate(state)
   else:
     metrics = Evaluator(setup, split).evaluate(state)
