@@ -8,7 +8,7 @@ approximate, computed directly: S = sum over N training batches of -dL/dW * W (n
     python benchmarks/diag/random_masks.py workdirs/prune_movement/cpu/dense/seed0 [0.13,0.26,0.5]
     python benchmarks/diag/random_masks.py workdirs/prune_movement/cpu/movement-0.9-3ep/seed0 0.1,0.2,0.3 50
 
-The README's pruning paragraph quotes it (MiniLM-L6 on MR, 2-core CPU VM). The workdir's restored
+docs/results.md's pruning section quotes it (MiniLM-L6 on MR, 2-core CPU VM). The workdir's restored
 checkpoint is its best one; for a movement run whose best evaluation came before masking began,
 that is the weights and scores the first mask was cut from.
 """

@@ -23,7 +23,8 @@ HEADER = ("row", "metric", "n", "mean ± sd", "95% CI", "paper", "diff")
 def _f(x: float | None, digits: int, count: bool = False) -> str:
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "–"
-  return f"{x:,.0f}" if count else f"{x:.{digits}f}"
+  text = f"{x:,.0f}" if count else f"{x:.{digits}f}"
+  return text[1:] if text.startswith("-") and not text.strip("-0.,") else text  # -0.00 -> 0.00
 
 
 def _signed(x: float | None, digits: int) -> str:

@@ -136,6 +136,9 @@ def test_wide_markdown_has_a_line_per_row_and_a_column_per_metric(tmp_path):
   params = {"full": [{**_results(0, 0.8, 0.8), "trainable_params": 22713986}]}
   cells = aggregate.build_cells(params, metric="accuracy,trainable_params", units="raw")
   assert tables.wide_markdown(cells).splitlines()[2] == "| full | 0.80 | 22,713,986 |"  # a count
+  zero = {"soft": [{**_results(0, 0.8, 0.8), "sparsity": -1e-9}]}  # float noise below zero
+  cells = aggregate.build_cells(zero, metric="sparsity", units="raw")
+  assert tables.wide_markdown(cells).splitlines()[2] == "| soft | 0.00 |"  # not -0.00
 
 
 def test_train_quarters_average_each_quarter_of_the_logged_steps(tmp_path):
