@@ -28,7 +28,7 @@ epoch (2,104 steps). Expected (2-core CPU VM, seed 0, 2026-12-01, one run at a t
 | row | encoder sparsity | accuracy |
 | dense | 0 | 84.25 |
 | magnitude-0.9 / -0.97 | 90% / 97% | 74.43 / 60.09 |
-| movement-0.9 / -0.9-late / -0.97 | 90% / 90% / 97% | 49.91 / 50.09 / 72.83 (recovers after the masks freeze: chance; 49.91 on 2026-11-27) |
+| movement-0.9 / -0.9-late / -0.97 | 90% / 90% / 97% | 49.91 / 50.09 / 72.83 (*) |
 | magnitude-0.9-3ep / movement-0.9-3ep | 90% | 77.92 / 50.09 |
 | mpnet-dense (MPNet-base, the teacher) | 0 | 91.32 |
 | magnitude-0.9-kd / -0.97-kd | 90% / 97% | 75.28 / 61.60 |
@@ -38,6 +38,7 @@ epoch (2,104 steps). Expected (2-core CPU VM, seed 0, 2026-12-01, one run at a t
 | sst2-magnitude-0.9 | 90% | 82.22 |
 | sst2-soft_movement-0.9 | 80.8% | 88.99 |
 | sst2-magnitude-0.808 | 80.8% | 85.32 |
+(*) the loss leaves ln 2 only after the masks freeze, by chance: 49.91 on 2026-11-27.
 
 Published numbers (movement pruning paper, BERT-base + distillation, dev; ../shared/REFERENCES.md),
 at 10% / 3% of encoder weights remaining:
