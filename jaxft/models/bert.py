@@ -50,17 +50,17 @@ class BertEmbeddings(nn.Module):
   cfg: L.ArchConfig
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids):
+  def __call__(self, input_ids, token_type_ids, packing=None):
     cfg = self.cfg
     size = cfg.embedding_size or cfg.hidden_size
     word = L.embed(cfg, cfg.vocab_size, size, "word_embeddings").embedding
     types = L.embed(cfg, cfg.type_vocab_size, size, "token_type_embeddings").embedding
     pos = L.embed(cfg, cfg.max_position_embeddings, size, "position_embeddings").embedding
     h = L.rows(word, input_ids) + L.rows(types, token_type_ids)
-    if cfg.position_ids == "padding_offset":
-      h = h + L.rows(pos, L.padding_offset_positions(input_ids, cfg.pad_token_id))
-    else:
+    if cfg.position_ids == "absolute" and packing is None:
       h = h + L.leading_rows(pos, input_ids.shape[1])
+    else:
+      h = h + L.rows(pos, L.positions(cfg, input_ids, packing))
     return L.layer_norm(cfg, "LayerNorm")(h), word
 
 
@@ -87,24 +87,27 @@ class BertLayer(nn.Module):
 
 
 class BertBackbone(nn.Module):
-  """inputs: input_ids int32 [B, S], attention_mask [B, S] (1 = token), token_type_ids [B, S].
-  Returns layers.BackboneOutput; `pooled` = tanh(W h[:, 0] + b) when cfg.add_pooling_layer."""
+  """inputs: input_ids int32 [B, S], attention_mask [B, S] (1 = token), token_type_ids [B, S];
+  packed rows add segment_ids, position_ids [B, S] and example_start [E] (layers.Packing).
+  Returns layers.BackboneOutput; `pooled` = tanh(W h_0 + b) when cfg.add_pooling_layer."""
 
   cfg: L.ArchConfig
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None,
+               position_ids=None, example_start=None, *, deterministic=True,
                embedding_perturbation=None, output_hidden_states=False, output_attentions=False):
     cfg = self.cfg
+    packing = L.Packing.from_inputs(segment_ids, position_ids, example_start)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    emb, table = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids)
+    emb, table = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, packing)
     mask = attention_mask.astype(bool)
     project = None
     if (cfg.embedding_size or cfg.hidden_size) != cfg.hidden_size:
       project = L.dense(cfg, cfg.hidden_size, "embeddings_project")
     h, hidden, attns = L.encode_embeddings(
         cfg, emb, mask, deterministic, embedding_perturbation, output_hidden_states,
-        output_attentions, L.Encoder(cfg, BertLayer, name="encoder"), project)
-    pooled = L.Pooler(cfg, name="pooler")(h) if cfg.add_pooling_layer else None
-    return L.BackboneOutput(h, emb, mask, pooled, hidden, attns, table)
+        output_attentions, L.Encoder(cfg, BertLayer, name="encoder"), project, packing=packing)
+    pooled = L.Pooler(cfg, name="pooler")(h, packing) if cfg.add_pooling_layer else None
+    return L.BackboneOutput(h, emb, mask, pooled, hidden, attns, table, packing)

@@ -207,14 +207,16 @@ class MLMHead(nn.Module):
 
 
 def pool(kind: str, out: L.BackboneOutput):
-  """[B, S, H] -> [B, H] by `kind` (see module docstring)."""
+  """[B, S, H] -> [B, H] by `kind` (see module docstring); packed rows -> [E, H], per example."""
   if kind == "pooler":
     if out.pooled is None:
       raise ValueError("pooling='pooler' needs the backbone's pooler (add_pooling_layer)")
     return out.pooled
   if kind == "cls":
-    return out.last_hidden_state[:, 0]
+    return L.first_tokens(out.last_hidden_state, out.packing)
   if kind == "mean":
+    if out.packing is not None:
+      return out.packing.mean(out.last_hidden_state)
     return L.masked_mean(out.last_hidden_state, out.mask)
   raise ValueError(f"unknown pooling {kind!r}; choose one of {POOLINGS}")
 
@@ -222,7 +224,9 @@ def pool(kind: str, out: L.BackboneOutput):
 class TaskModel(nn.Module):
   """Backbone ("backbone") + head ("head"): params {"backbone": ..., "head": ...}.
 
-  inputs: dict with input_ids / attention_mask / token_type_ids (text) or pixel_values (images).
+  inputs: dict with input_ids / attention_mask / token_type_ids (text) or pixel_values (images);
+  packed rows add segment_ids / position_ids / example_start (layers.Packing), and sequence heads
+  then return one row per example slot, [E, num_labels].
   Returns outputs.ModelOutput; logits are float32: [B, num_labels] (sequence heads),
   [B, S, num_labels] (token), [B, S, vocab] (MLM), None (bare encoder).
   """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -122,20 +123,47 @@ def resolve_attention_impl(impl: Optional[str], dtype, head_dim: int) -> str:
 def fused_attention(q, k, v, mask, bias, impl: str, backend: Optional[str] = None):
   """softmax(q k^T / sqrt(d) + bias, masked) v through jax.nn.dot_product_attention.
 
-  q: [B, T, N, D]; k, v: [B, S, N, D]; mask: bool [B, S] (True = attend) or None; bias: [1|B, N, T, S]
-  or None. For "cudnn" the padding goes in as `key_value_seq_lengths` = number of True entries
-  (cuDNN rejects a [B, 1, 1, S] mask), which is exact for right-padded masks (what HF tokenizers
-  and our batcher produce); lengths are clamped to >= 1 so all-padding rows stay finite.
+  q: [B, T, N, D]; k, v: [B, S, N, D]; mask: bool [B, S] (True = attend; padding) or [B, T, S]
+  (packed rows: `segment_mask`) or None; bias: [1|B, N, T, S] or None. For "cudnn" a [B, S] mask
+  goes in as `key_value_seq_lengths` = number of True entries (cuDNN rejects a [B, 1, 1, S] mask),
+  which is exact for right-padded masks (what HF tokenizers and our batcher produce); lengths are
+  clamped to >= 1 so all-padding rows stay finite. A packed [B, T, S] mask goes to cuDNN as an
+  additive bias (0 / -1e9), the form its fused kernel takes.
   `backend` overrides the implementation passed to JAX (tests run the cudnn mask path on "xla").
   Returns [B, T, N, D].
   """
   run = backend or impl
+  if impl == "cudnn" and mask is not None and mask.ndim == 3:
+    block = jnp.where(mask[:, None], 0.0, -1e9).astype(q.dtype)
+    bias = block if bias is None else bias.astype(q.dtype) + block
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=run)
   if impl == "cudnn" and mask is not None:
     lengths = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=-1), 1).astype(jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
                                         implementation=run)
-  m = None if mask is None else mask[:, None, None, :]
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=m, implementation=run)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=broadcast_mask(mask),
+                                      implementation=run)
+
+
+def broadcast_mask(mask):
+  """bool [B, S] (keys) -> [B, 1, 1, S]; [B, T, S] (packed) -> [B, 1, T, S]; None stays None."""
+  if mask is None:
+    return None
+  return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+
+
+def segment_mask(segment_ids):
+  """Block-diagonal attention of packed rows: bool [B, S, S], query i sees key j iff both tokens
+  belong to the same example (segment_ids[i] == segment_ids[j] > 0). A padding query (id 0) sees
+  nothing; its row is computed like a fully masked one and never read."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+
+
+def prepend_keys(mask, n: int):
+  """The mask with n always-visible keys in front (prefix-tuning): [B, S] -> [B, n + S],
+  [B, T, S] -> [B, T, n + S]. Every segment of a packed row sees the prefix."""
+  ones = jnp.ones(mask.shape[:-1] + (n,), bool)
+  return jnp.concatenate([ones, mask.astype(bool)], -1)
 
 
 def explicit_attention(q, k, v, mask, bias, dropout: nn.Module, deterministic: bool):
@@ -147,7 +175,7 @@ def explicit_attention(q, k, v, mask, bias, dropout: nn.Module, deterministic: b
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.float32(-1e30))
+    logits = jnp.where(broadcast_mask(mask), logits, jnp.float32(-1e30))
   probs = jax.nn.softmax(logits, axis=-1)
   dropped = dropout(probs, deterministic=deterministic)
   out = jnp.einsum("bnts,bsnd->btnd", dropped.astype(v.dtype), v)
@@ -159,7 +187,8 @@ class MultiHeadAttention(nn.Module):
   projection. Submodule names come from `names` = (query, key, value[, output]) so the parameter
   tree matches the HF checkpoint of each family ("query"/"key"/"value", "q_lin"/..., "q"/...).
 
-  x: [B, S, H]; mask: bool [B, S]; bias: [1|B, N, S, S] additive (MPNet's relative positions).
+  x: [B, S, H]; mask: bool [B, S] or, packed, [B, S, S]; bias: [1|B, N, S, S] additive (MPNet's
+  relative positions).
   Returns (out [B, S, H'], probs [B, N, S, S + prefix] or None).
   """
 
@@ -185,7 +214,7 @@ class MultiHeadAttention(nn.Module):
       k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
       p_len = prefix[0].shape[0]
       if mask is not None:
-        mask = jnp.concatenate([jnp.ones((b, p_len), bool), mask], 1)
+        mask = prepend_keys(mask, p_len)
       if bias is not None:
         bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (p_len, 0)))
     if bias is not None:
@@ -222,13 +251,77 @@ def masked_mean(h, mask):
   return (jnp.sum(h.astype(jnp.float32) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)).astype(h.dtype)
 
 
+@flax.struct.dataclass
+class Packing:
+  """Where the examples of packed rows are (jaxft.data.packing builds them; None = padded rows).
+
+  segment_ids int32 [B, S]: 0 at padding, e + 1 at the tokens of example slot e (slots are unique
+    over the whole batch, so no two rows share an id). position_ids int32 [B, S]: 0..n_e - 1 inside
+    every example, 0 at padding. example_start int32 [E]: the flat index r * S + offset of slot e's
+    first token (0 for unused slots, whose outputs are masked by example_mask downstream).
+  """
+
+  segment_ids: jax.Array
+  position_ids: jax.Array
+  example_start: jax.Array
+
+  @classmethod
+  def from_inputs(cls, segment_ids=None, position_ids=None, example_start=None):
+    """A Packing when segment_ids is given (then all three must be), else None."""
+    if segment_ids is None:
+      return None
+    if position_ids is None or example_start is None:
+      raise ValueError("a packed batch needs segment_ids, position_ids and example_start together")
+    return cls(jnp.asarray(segment_ids, jnp.int32), jnp.asarray(position_ids, jnp.int32),
+               jnp.asarray(example_start, jnp.int32))
+
+  @property
+  def num_examples(self) -> int:
+    return self.example_start.shape[0]
+
+  def attention_mask(self):
+    return segment_mask(self.segment_ids)
+
+  def first_tokens(self, h):
+    """h [B, S, H] -> [E, H]: every example's first token (its CLS / <s>)."""
+    return jnp.take(h.reshape((-1,) + h.shape[2:]), self.example_start, axis=0)
+
+  def mean(self, h):
+    """Mean over each example's tokens: [B, S, H] -> [E, H], accumulated in float32."""
+    flat = h.reshape((-1, h.shape[-1])).astype(jnp.float32)
+    ids = self.segment_ids.reshape(-1) - 1  # padding -> -1, dropped by segment_sum
+    total = jax.ops.segment_sum(flat, ids, num_segments=self.num_examples)
+    count = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids,
+                                num_segments=self.num_examples)
+    return (total / jnp.maximum(count, 1.0)[:, None]).astype(h.dtype)
+
+
+def first_tokens(h, packing: Optional[Packing]):
+  """[B, S, H] -> the first token of every example: h[:, 0] ([B, H]), or [E, H] when packed."""
+  return h[:, 0] if packing is None else packing.first_tokens(h)
+
+
+def positions(cfg: ArchConfig, input_ids, packing: Optional[Packing]):
+  """Position ids [B, S] (or [1, S]) by cfg.position_ids, restarting in every packed example:
+  "absolute" 0..n-1; "padding_offset" (fairseq) pad + 1 + (0..n-1) at tokens, pad at padding."""
+  if packing is None:
+    if cfg.position_ids == "padding_offset":
+      return padding_offset_positions(input_ids, cfg.pad_token_id)
+    return jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
+  if cfg.position_ids == "padding_offset":
+    return jnp.where(packing.segment_ids > 0, packing.position_ids + cfg.pad_token_id + 1,
+                     cfg.pad_token_id)
+  return packing.position_ids
+
+
 @dataclasses.dataclass
 class BackboneOutput:
   """What a family's encoder returns to the task model (internal; see outputs.ModelOutput).
 
   last_hidden_state [B, S, H] (prompt positions stripped), embeddings [B, S, E] (the tensor the
-  perturbation is added to), mask bool [B, S], pooled [B, H'] or None, hidden_states / attentions
-  tuples or None, word_embeddings [V, E] (for tied MLM decoders) or None.
+  perturbation is added to), mask bool [B, S], pooled [B, H'] or None ([E, H'] when packed),
+  hidden_states / attentions tuples or None, word_embeddings [V, E] (for tied MLM decoders) or
+  None, packing: the batch's Packing or None.
   """
 
   last_hidden_state: Any
@@ -238,6 +331,7 @@ class BackboneOutput:
   hidden_states: Any = None
   attentions: Any = None
   word_embeddings: Any = None
+  packing: Any = None
 
 
 class AddNorm(nn.Module):
@@ -289,12 +383,14 @@ def run_layers(cfg: ArchConfig, layer_cls, h, mask, bias, deterministic: bool,
 
 def encode_embeddings(cfg: ArchConfig, emb, mask, deterministic: bool, embedding_perturbation,
                       output_hidden_states: bool, output_attentions: bool, encoder: nn.Module,
-                      project: Optional[nn.Module] = None, bias=None):
+                      project: Optional[nn.Module] = None, bias=None,
+                      packing: Optional[Packing] = None):
   """The part every family shares after its embedding block (call inside the backbone's compact).
 
   emb [B, S, E] (embedding output before dropout) + embedding_perturbation -> dropout ->
   optional projection (ELECTRA) -> soft prompt (PEFT, inserted after token 0) -> encoder ->
   prompt positions stripped from the last and all hidden states (attention maps keep them).
+  With `packing` the encoder gets the block-diagonal [B, S, S] mask instead of mask [B, S].
   Returns (last_hidden_state, hidden_states, attentions).
   """
   if embedding_perturbation is not None:
@@ -303,6 +399,11 @@ def encode_embeddings(cfg: ArchConfig, emb, mask, deterministic: bool, embedding
   if project is not None:
     h = project(h, deterministic=deterministic)
   prompt = Prompt(cfg.peft, name="prompt")
+  if packing is not None:
+    if cfg.peft.prompt_length > 0:
+      raise ValueError("prompt tuning inserts its vectors after a row's first token, which in a "
+                       "packed row belongs to one example only. Fix: --config.data.packing=false")
+    mask = packing.attention_mask()
   h, mask = prompt(h, mask)
   h, hidden, attns = encoder(h, mask, bias, deterministic, output_hidden_states, output_attentions)
   if hidden is not None:
@@ -311,15 +412,16 @@ def encode_embeddings(cfg: ArchConfig, emb, mask, deterministic: bool, embedding
 
 
 class Pooler(nn.Module):
-  """HF pooler: act(W h[:, 0] + b) (tanh for BERT-likes). "pooler" with child "dense"."""
+  """HF pooler: act(W h_0 + b) (tanh for BERT-likes) of every example's first token h_0 (h[:, 0],
+  or each packed example's: [E, H]). "pooler" with child "dense"."""
 
   cfg: ArchConfig
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, packing: Optional[Packing] = None):
     size = self.cfg.pooler_size or self.cfg.hidden_size
     y = nn.Dense(size, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype,
-                 kernel_init=nn.initializers.normal(0.02), name="dense")(h[:, 0])
+                 kernel_init=nn.initializers.normal(0.02), name="dense")(first_tokens(h, packing))
     return activation(self.cfg.pooler_act)(y)
 
 

@@ -35,6 +35,7 @@ from jaxft.models.peft_layers import PeftSpec, init_dora, init_pissa
 
 logger = logging.getLogger("jaxft.models")
 EXPORT_MARKER = "jaxft_export.json"
+PACKING_KEYS = ("segment_ids", "position_ids", "example_start")  # layers.Packing
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                     "spiece.model", "sentencepiece.bpe.model")
@@ -86,8 +87,11 @@ class Model:
     mask = batch.get("attention_mask")
     mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
     types = batch.get("token_type_ids")
-    return {"input_ids": ids, "attention_mask": mask,
-            "token_type_ids": None if types is None else jnp.asarray(types, jnp.int32)}
+    inputs = {"input_ids": ids, "attention_mask": mask,
+              "token_type_ids": None if types is None else jnp.asarray(types, jnp.int32)}
+    if "segment_ids" in batch:  # packed rows (jaxft.data.packing)
+      inputs.update({k: jnp.asarray(batch[k], jnp.int32) for k in PACKING_KEYS})
+    return inputs
 
   @functools.cached_property
   def _jitted(self):
