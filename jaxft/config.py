@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="validation",
       max_train_examples=0,  # 0 = all
       max_eval_examples=0,
-      bucket_boundaries="",  # "" = powers of two up to max_length
+      packing=True,  # several whole examples per row (jaxft.data.packing); False: buckets
+      bucket_boundaries="",  # "" = powers of two up to max_length (data.packing=False)
       labeled_per_class=0,  # > 0: semi-supervised, k labels per class, rest unlabeled
       unlabeled_ratio=0,  # mu: unlabeled rows per labeled row in a batch
       strong_augment="token_strong",  # FixMatch / UDA strong view of unlabeled rows (token policy)
@@ -342,6 +343,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
         with node.unlocked():
           node[k] = v
 
+  if "packing" not in saved.get("data", {"packing": None}):
+    config.data.packing = False  # saved before packing existed: that run's batches were bucketed
   fill(config, saved)
   config.lock()
   return config

@@ -244,7 +244,7 @@ class MergedBatcher:
   """Labeled batches plus an unlabeled batch of batch_size * mu rows under "unlabeled/" keys.
 
   Both parts are padded to the same S (the longer of their buckets), so shapes stay within
-  len(boundaries). The unlabeled order is its own TrainBatcher (stream 1) indexed by the same
+  len(boundaries); packed parts (jaxft.data.packing) keep each its own R x L. The unlabeled order is its own TrainBatcher (stream 1) indexed by the same
   step, cycling through the pool at its own epoch length.
   """
 
@@ -269,11 +269,14 @@ class MergedBatcher:
     return self.labeled.shapes
 
   def batch_at(self, step: int) -> Batch:
-    rows, s_l = self.labeled.indices_at(step)
-    urows, s_u = self.unlabeled.indices_at(step)
-    seq_len = max(s_l, s_u)
-    batch = make_batch(self.labeled.enc, rows, seq_len)
-    ub = make_batch(self.unlabeled.enc, urows, seq_len)
+    if hasattr(self.labeled, "geometry"):  # packed (jaxft.data.packing): each part its own shape
+      batch, ub = self.labeled.batch_at(step), self.unlabeled.batch_at(step)
+    else:
+      rows, s_l = self.labeled.indices_at(step)
+      urows, s_u = self.unlabeled.indices_at(step)
+      seq_len = max(s_l, s_u)
+      batch = make_batch(self.labeled.enc, rows, seq_len)
+      ub = make_batch(self.unlabeled.enc, urows, seq_len)
     batch.update({self.prefix + k: v for k, v in ub.items() if k != "labels" or self.keep_labels})
     return batch
 

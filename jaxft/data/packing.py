@@ -46,6 +46,9 @@ from jaxft.data.tasks import IGNORE
 from jaxft.data.tokenize import Encoded
 
 
+PACKING_KEYS = ("segment_ids", "position_ids", "example_start")
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
   """rows R, length L, slots E of a packed train batch; eval_rows R_e, eval_slots E_e."""
@@ -118,7 +121,7 @@ def _epoch_groups(lengths, seed, stream, epoch, steps, per_step, num_shards):
   shard k of step s."""
   rng = np.random.default_rng([seed, stream, epoch])
   perm = rng.permutation(len(lengths))
-  used = steps * per_step
+  used = steps * per_step * num_shards
   if used < len(perm):  # drop_remainder: the last N mod B sit this epoch out
     perm = perm[:used]
   elif used > len(perm):  # drop_remainder=False: the groups are filled up with empty places
@@ -151,6 +154,15 @@ def choose_geometry(lengths: np.ndarray, *, batch_size: int, max_length: int, st
   if eval_batch_size:
     geometry = choose_eval_rows(geometry, eval_lengths or [lengths], eval_batch_size, num_shards)
   return geometry
+
+
+def eval_geometry(eval_lengths: Sequence[np.ndarray], *, eval_batch_size: int, max_length: int,
+                  num_shards: int = 1) -> Geometry:
+  """Packed eval batches without a train split (`jaxft eval`): L the smallest multiple of 8 that
+  holds the longest eval example (at most max_length), R_e by choose_eval_rows."""
+  longest = max([1] + [int(np.max(e)) for e in eval_lengths if len(e)])
+  length = min(max_length, -(-longest // 8) * 8)
+  return choose_eval_rows(Geometry(0, length, 0), eval_lengths, eval_batch_size, num_shards)
 
 
 def choose_eval_rows(geometry: Geometry, eval_lengths: Sequence[np.ndarray], eval_batch_size: int,
@@ -396,3 +408,51 @@ def unpack_tokens(batch: Batch, values: np.ndarray) -> list[np.ndarray]:
   counts = np.bincount(segments.reshape(-1), minlength=len(start) + 1)[1:]
   return [flat[start[e]:start[e] + counts[e]]
           for e in np.flatnonzero(np.asarray(batch["example_mask"]) > 0)]
+
+
+def slots_as_rows(batch: Batch, prefix: str = "") -> dict:
+  """The examples of a packed (sub-)batch as right-padded rows, one per slot: input_ids,
+  attention_mask, token_type_ids int32 [E, L] (unused slots all padding)."""
+  seg = np.asarray(batch[prefix + "segment_ids"])
+  start = np.asarray(batch[prefix + "example_start"])
+  num, length = len(start), seg.shape[1]
+  counts = np.bincount(seg.reshape(-1), minlength=num + 1)[1:]
+  within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+  slot = np.repeat(np.arange(num), counts)
+  src = np.repeat(start.astype(np.int64), counts) + within
+  out = {}
+  for key in ("input_ids", "token_type_ids"):
+    rows = np.zeros((num, length), np.int32)  # beyond attention_mask nothing is read
+    rows[slot, within] = np.asarray(batch[prefix + key]).reshape(-1)[src]
+    out[key] = rows
+  out["attention_mask"] = (np.arange(length)[None] < counts[:, None]).astype(np.int32)
+  return out
+
+
+def rows_into_slots(batch: Batch, rows: dict, prefix: str = "", pad_id: int = 0) -> dict:
+  """Right-padded per-slot rows [E, L] (no longer than the slots they replace: an augmented
+  view) laid out where `batch`'s slots are: same rows, offsets, slot ids and example_start, so
+  slot e of both is the same example. -> the packed arrays (no prefix)."""
+  seg = np.asarray(batch[prefix + "segment_ids"])
+  start = np.asarray(batch[prefix + "example_start"])
+  num, shape = len(start), seg.shape
+  old = np.bincount(seg.reshape(-1), minlength=num + 1)[1:]
+  new = np.asarray(rows["attention_mask"]).sum(1).astype(np.int64)
+  if (new > old).any():
+    raise ValueError("a view's example is longer than the packed slot it replaces")
+  within = np.arange(int(new.sum())) - np.repeat(np.cumsum(new) - new, new)
+  slot = np.repeat(np.arange(num), new)
+  dest = np.repeat(start.astype(np.int64), new) + within
+  out = {}
+  for key, fill in (("input_ids", pad_id), ("token_type_ids", 0)):
+    flat = np.full(seg.size, fill, np.int32)
+    flat[dest] = np.asarray(rows[key])[slot, within]
+    out[key] = flat.reshape(shape)
+  segments = np.zeros(seg.size, np.int32)
+  segments[dest] = slot + 1
+  positions = np.zeros(seg.size, np.int32)
+  positions[dest] = within
+  out.update(segment_ids=segments.reshape(shape), position_ids=positions.reshape(shape),
+             attention_mask=(segments > 0).astype(np.int32).reshape(shape),
+             example_start=start.copy(), example_mask=np.asarray(batch[prefix + "example_mask"]))
+  return out

@@ -9,7 +9,9 @@
 Flow: tasks.load (files / assets / hub, validated) -> optional subsets (max_*_examples, first
 rows; labeled_per_class, k per class seeded by `seed`, the rest an unlabeled pool; pseudo_labels,
 a file of teacher labels for pool rows appended to the labeled ones) ->
-tokenize.encode (cached) -> batching (buckets, resumable order, eval chunks).
+tokenize.encode (cached) -> packing (data.packing, the default: whole examples packed into rows
+of one static shape, jaxft.data.packing) or batching (length buckets), both with a resumable
+order and eval batches in file order.
 
 In a multi-process job each process builds only its rows of every train and eval batch (the rows
 of its devices, `batching.shard_rows`); jaxft.train.mesh.put_batch joins them into the global
@@ -28,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from jaxft import assets
-from jaxft.data import batching, pseudo_labels, tasks, tokenize
+from jaxft.data import batching, packing as packing_lib, pseudo_labels, tasks, tokenize
 from jaxft.data.readers import DataError
 from jaxft.data.tasks import Examples, TaskInfo, as_list, cfg_get
 
@@ -100,6 +102,7 @@ class DataBundle:
   boundaries: tuple[int, ...]
   notes: list[str]
   unlabeled_labels: list | None = None
+  geometry: packing_lib.Geometry | None = None  # packed batches' R x L x E; None: buckets
 
 
 def cache_dir(data_config) -> pathlib.Path:
@@ -108,11 +111,13 @@ def cache_dir(data_config) -> pathlib.Path:
 
 def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed: int,
           num_shards: int = 1, unlabeled_ratio: float = 0, drop_remainder: bool = True,
-          with_train: bool = True, shards: Sequence[int] | None = None) -> DataBundle:
+          with_train: bool = True, shards: Sequence[int] | None = None,
+          packing: bool | None = None) -> DataBundle:
   """See the module docstring. unlabeled_ratio (mu) > 0 merges an unlabeled batch of
   round(batch_size * mu) rows into every train batch (needs data.labeled_per_class > 0).
   num_shards: the devices every batch is split over. shards: which of them this process feeds;
-  None: this JAX process's share (`local_shards`), every row on one process."""
+  None: this JAX process's share (`local_shards`), every row on one process. packing: None reads
+  data.packing; batch_size and eval_batch_size then count examples, not rows."""
   batching.check_shards(batch_size, num_shards)
   batching.check_shards(eval_batch_size, num_shards, "eval_batch_size")
   if shards is None:
@@ -170,6 +175,8 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
                              tokenizer_id=tok_id)
   encoded = {s: encode(ex) for s, ex in examples.items()}
   boundaries = batching.parse_boundaries(cfg_get(data_config, "bucket_boundaries", ""), max_length)
+  if packing is None:
+    packing = bool(cfg_get(data_config, "packing", False))
   stats: dict[str, float] = {}
   for s, enc in encoded.items():
     stats.update({f"{s}/{key}": v for key, v in enc.stats().items()})
@@ -177,16 +184,39 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
       notes.append(f"{s}: {int(enc.truncated.sum())} of {len(enc)} examples truncated to "
                    f"{max_length} tokens")
 
-  train_batcher = None
+  train_batcher = geometry = None
+  eval_lengths = [encoded[s].lengths for s in eval_splits]
+  if packing and not with_train:
+    geometry = packing_lib.eval_geometry(eval_lengths, eval_batch_size=eval_batch_size,
+                                         max_length=max_length, num_shards=num_shards)
   if with_train:
-    fingerprint = _fingerprint(examples[train_split], tok_id, max_length, batch_size,
-                               boundaries, drop_remainder)
     enc = encoded[train_split]
-    train_batcher = batching.TrainBatcher(
-        enc, batch_size=batch_size, seed=seed, boundaries=boundaries, num_shards=num_shards,
-        drop_remainder=drop_remainder, fingerprint=fingerprint, shards=shards)
-    stats[f"{train_split}/padding_fraction"] = batching.padding_fraction(
-        enc.lengths, train_batcher.epoch_plan(0))
+    if packing:
+      steps = len(enc) // batch_size if drop_remainder else -(-len(enc) // batch_size)
+      geometry = packing_lib.choose_geometry(
+          enc.lengths, batch_size=batch_size, max_length=max_length, steps=max(steps, 1),
+          num_shards=num_shards, seed=seed, eval_lengths=eval_lengths,
+          eval_batch_size=eval_batch_size)
+      layout = ("packed", dataclasses.asdict(geometry))
+      train_batcher = packing_lib.PackedTrainBatcher(
+          enc, batch_size=batch_size, seed=seed, geometry=geometry, num_shards=num_shards,
+          drop_remainder=drop_remainder, shards=shards,
+          fingerprint=_fingerprint(examples[train_split], tok_id, max_length, batch_size,
+                                   layout, drop_remainder))
+      stats[f"{train_split}/padding_fraction"] = train_batcher.padding_fraction(0)
+      stats[f"{train_split}/examples_per_row"] = train_batcher.examples_per_row(0)
+      stats[f"{train_split}/packed_rows"] = geometry.rows
+      stats[f"{train_split}/packed_length"] = geometry.length
+      stats[f"{train_split}/packed_slots"] = geometry.slots
+      stats[f"{train_split}/packing_overflow"] = train_batcher.overflow[0]
+    else:
+      fingerprint = _fingerprint(examples[train_split], tok_id, max_length, batch_size,
+                                 boundaries, drop_remainder)
+      train_batcher = batching.TrainBatcher(
+          enc, batch_size=batch_size, seed=seed, boundaries=boundaries, num_shards=num_shards,
+          drop_remainder=drop_remainder, fingerprint=fingerprint, shards=shards)
+      stats[f"{train_split}/padding_fraction"] = batching.padding_fraction(
+          enc.lengths, train_batcher.epoch_plan(0))
     stats[f"{train_split}/steps_per_epoch"] = train_batcher.steps_per_epoch
     if unlabeled is not None:
       # With data.unlabeled_label_metrics the pool keeps its true labels, batched as
@@ -198,15 +228,39 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
     if unlabeled_ratio:
       u_size = int(round(batch_size * unlabeled_ratio))
       batching.check_shards(u_size, num_shards, f"batch_size * unlabeled_ratio ({u_size})")
-      u_batcher = batching.TrainBatcher(
-          u_enc, batch_size=u_size, seed=seed, boundaries=boundaries, num_shards=num_shards,
-          drop_remainder=len(u_enc) >= u_size, stream=1, shards=shards,
-          fingerprint=_fingerprint(unlabeled, tok_id, max_length, u_size, boundaries, True))
+      u_drop = len(u_enc) >= u_size
+      if packing:
+        u_steps = len(u_enc) // u_size if u_drop else 1
+        u_geometry = packing_lib.choose_geometry(
+            u_enc.lengths, batch_size=u_size, max_length=max_length, steps=u_steps,
+            num_shards=num_shards, seed=seed)
+        u_batcher = packing_lib.PackedTrainBatcher(
+            u_enc, batch_size=u_size, seed=seed, geometry=u_geometry, num_shards=num_shards,
+            drop_remainder=u_drop, stream=1, shards=shards,
+            fingerprint=_fingerprint(unlabeled, tok_id, max_length, u_size,
+                                     ("packed", dataclasses.asdict(u_geometry)), True))
+        stats["unlabeled/padding_fraction"] = u_batcher.padding_fraction(0)
+        stats["unlabeled/packed_rows"] = u_geometry.rows
+        stats["unlabeled/packed_length"] = u_geometry.length
+      else:
+        u_batcher = batching.TrainBatcher(
+            u_enc, batch_size=u_size, seed=seed, boundaries=boundaries, num_shards=num_shards,
+            drop_remainder=u_drop, stream=1, shards=shards,
+            fingerprint=_fingerprint(unlabeled, tok_id, max_length, u_size, boundaries, True))
       train_batcher = batching.MergedBatcher(train_batcher, u_batcher, keep_labels=label_metrics)
 
   evals = {}
   for s in eval_splits:
     enc = encoded[s]
+    if packing:
+      plan = packing_lib.eval_plan(enc, geometry, num_shards)
+      evals[s] = functools.partial(packing_lib.eval_batches, enc, geometry=geometry,
+                                   num_shards=num_shards, shards=shards, plan=plan)
+      stats[f"{s}/padding_fraction"] = packing_lib.padding_fraction(
+          enc, [lay for parts in plan for lay in parts], geometry.eval_rows // num_shards,
+          geometry.length)
+      stats[f"{s}/packed_rows"] = geometry.eval_rows
+      continue
     evals[s] = functools.partial(batching.eval_batches, enc, batch_size=eval_batch_size,
                                  boundaries=boundaries, num_shards=num_shards, shards=shards)
     chunks = [(np.arange(a, min(a + eval_batch_size, len(enc))), 0)
@@ -221,7 +275,7 @@ def build(data_config, tokenizer, *, batch_size: int, eval_batch_size: int, seed
       ner[s] = WordAlignment.from_encoded(encoded[s], examples[s], info.label_names)
       stats[f"{s}/n_words_without_token"] = ner[s].n_words_without_token
   return DataBundle(info, train_batcher, evals, stats, ner, examples, encoded, unlabeled,
-                    boundaries, notes, unlabeled_labels)
+                    boundaries, notes, unlabeled_labels, geometry)
 
 
 def local_shards(num_shards: int) -> tuple[int, ...] | None:
@@ -239,7 +293,8 @@ def local_shards(num_shards: int) -> tuple[int, ...] | None:
 
 def _fingerprint(train: Examples, tokenizer_id: str, max_length, batch_size, boundaries,
                  drop_remainder) -> str:
-  """What fixes the batch at step s besides the seed: data, tokenization and batch geometry."""
+  """What fixes the batch at step s besides the seed: data, tokenization and batch geometry
+  (`boundaries`: the bucket boundaries, or ("packed", geometry))."""
   parts = [train.fingerprint(), tokenizer_id, max_length, batch_size,
            list(boundaries), bool(drop_remainder)]
   return hashlib.sha256(json.dumps(parts).encode()).hexdigest()

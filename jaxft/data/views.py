@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxft.data import augment
+from jaxft.data import augment, packing
 
 
 class _Wrapper:
@@ -61,9 +61,18 @@ class StrongView(_Wrapper):
     unlabeled = self.inner.unlabeled
     rows, _ = unlabeled.indices_at(step)
     epoch = step // unlabeled.steps_per_epoch
-    return augment.add_strong_view(batch, self.policy, seed=self.seed, epoch=epoch,
-                                   indices=np.maximum(rows, 0), special_ids=self.special_ids,
-                                   pad_id=self.pad_id, replace_id=self.replace_id)
+    view = dict(seed=self.seed, epoch=epoch, indices=np.maximum(rows, 0),
+                special_ids=self.special_ids, pad_id=self.pad_id, replace_id=self.replace_id)
+    if "unlabeled/segment_ids" not in batch:
+      return augment.add_strong_view(batch, self.policy, **view)
+    # Packed: augment every slot's example as a row, then lay the (shorter) views out in the
+    # weak view's slots, so slot e of both views is the same example.
+    weak = packing.slots_as_rows(batch, "unlabeled/")
+    aug = augment.augment_token_batch(weak["input_ids"], weak["attention_mask"], self.policy,
+                                      token_type_ids=weak["token_type_ids"], **view)
+    strong = packing.rows_into_slots(batch, aug, "unlabeled/", self.pad_id)
+    strong.pop("example_mask")
+    return {**batch, **{f"unlabeled/strong/{k}": v for k, v in strong.items()}}
 
 
 class WithTeacherLogits(_Wrapper):

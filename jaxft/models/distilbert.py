@@ -32,13 +32,16 @@ class DistilBertEmbeddings(nn.Module):
   cfg: L.ArchConfig
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, packing=None):
     cfg = self.cfg
     # float32 lookups and sum, the LayerNorm casts to cfg.dtype (see bert.BertEmbeddings).
     word = L.embed(cfg, cfg.vocab_size, cfg.hidden_size, "word_embeddings").embedding
     pos = L.embed(cfg, cfg.max_position_embeddings, cfg.hidden_size,
                   "position_embeddings").embedding
-    h = L.rows(word, input_ids) + L.leading_rows(pos, input_ids.shape[1])
+    if packing is None:
+      h = L.rows(word, input_ids) + L.leading_rows(pos, input_ids.shape[1])
+    else:  # positions restart in every packed example
+      h = L.rows(word, input_ids) + L.rows(pos, L.positions(cfg, input_ids, packing))
     return L.layer_norm(cfg, "LayerNorm")(h), word
 
 
@@ -75,17 +78,20 @@ class TransformerBlock(nn.Module):
 
 class DistilBertBackbone(nn.Module):
   """inputs: input_ids int32 [B, S], attention_mask [B, S]; token_type_ids is ignored (none in
-  DistilBERT). Returns layers.BackboneOutput (no pooler)."""
+  DistilBERT); packed rows add segment_ids, position_ids [B, S] and example_start [E]
+  (layers.Packing). Returns layers.BackboneOutput (no pooler)."""
 
   cfg: L.ArchConfig
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None,
+               position_ids=None, example_start=None, *, deterministic=True,
                embedding_perturbation=None, output_hidden_states=False, output_attentions=False):
     cfg = self.cfg
-    emb, table = DistilBertEmbeddings(cfg, name="embeddings")(input_ids)
+    packing = L.Packing.from_inputs(segment_ids, position_ids, example_start)
+    emb, table = DistilBertEmbeddings(cfg, name="embeddings")(input_ids, packing)
     mask = attention_mask.astype(bool)
     h, hidden, attns = L.encode_embeddings(
         cfg, emb, mask, deterministic, embedding_perturbation, output_hidden_states,
-        output_attentions, L.Encoder(cfg, TransformerBlock, name="transformer"))
-    return L.BackboneOutput(h, emb, mask, None, hidden, attns, table)
+        output_attentions, L.Encoder(cfg, TransformerBlock, name="transformer"), packing=packing)
+    return L.BackboneOutput(h, emb, mask, None, hidden, attns, table, packing)

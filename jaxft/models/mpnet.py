@@ -44,9 +44,8 @@ def arch_from_hf(hf) -> dict:
       relative_attention_num_buckets=hf.relative_attention_num_buckets)
 
 
-def relative_position_bucket(q_len: int, k_len: int) -> np.ndarray:
-  """int32 [q_len, k_len] bucket of relative position (j - i), computed in float32 like HF."""
-  rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+def bucket(rel: np.ndarray) -> np.ndarray:
+  """int32 buckets of relative positions rel = j - i (any shape), computed in float32 like HF."""
   n = -rel
   half = NUM_BUCKETS // 2
   ret = (n < 0).astype(np.int64) * half
@@ -60,18 +59,35 @@ def relative_position_bucket(q_len: int, k_len: int) -> np.ndarray:
   return (ret + np.where(n < max_exact, n, large)).astype(np.int32)
 
 
+def relative_position_bucket(q_len: int, k_len: int) -> np.ndarray:
+  """int32 [q_len, k_len] bucket of relative position (j - i) of query i and key j."""
+  return bucket(np.arange(k_len)[None, :] - np.arange(q_len)[:, None])
+
+
+def relative_position_bucket_rows(position_ids):
+  """int32 [B, S, S] bucket of pos[b, j] - pos[b, i] from per-row position ids [B, S] (packed
+  rows: positions restart in every example; pairs across examples are masked anyway).
+
+  A lookup in `bucket` of every distance -(S-1)..S-1 (positions lie in [0, S)), so the buckets
+  are the numpy ones to the integer: XLA's float32 log differs from numpy's in the last bit at
+  some distances, which near a bucket edge would move the distance to the next bucket."""
+  s = position_ids.shape[1]
+  table = jnp.asarray(bucket(np.arange(-(s - 1), s)))
+  return jnp.take(table, position_ids[:, None, :] - position_ids[:, :, None] + (s - 1))
+
+
 class MPNetEmbeddings(nn.Module):
   cfg: L.ArchConfig
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, packing=None):
     cfg = self.cfg
     # float32 lookups and sum, the LayerNorm casts to cfg.dtype (see bert.BertEmbeddings).
     word = L.embed(cfg, cfg.vocab_size, cfg.hidden_size, "word_embeddings").embedding
     pos = L.embed(cfg, cfg.max_position_embeddings, cfg.hidden_size,
                   "position_embeddings").embedding
-    positions = L.padding_offset_positions(input_ids, PADDING_IDX)
-    h = L.rows(word, input_ids) + L.rows(pos, positions)
+    # fairseq offsets from cfg.pad_token_id (= PADDING_IDX), restarting in every packed example.
+    h = L.rows(word, input_ids) + L.rows(pos, L.positions(cfg, input_ids, packing))
     return L.layer_norm(cfg, "LayerNorm")(h), word
 
 
@@ -102,35 +118,51 @@ class MPNetLayer(nn.Module):
 
 
 class MPNetEncoder(nn.Module):
-  """"encoder": the relative position bias [1, N, S, S] (shared by all layers) and the layers."""
+  """"encoder": the relative position bias (shared by all layers) and the layers.
+
+  The bias is [1, N, S, S] of row offsets j - i for padded rows, and [B, N, S, S] of
+  pos[b, j] - pos[b, i] with packing (layers.Packing; mask is then its [B, S, S] block mask)."""
 
   cfg: L.ArchConfig
 
   @nn.compact
-  def __call__(self, h, mask, bias, deterministic, output_hidden_states, output_attentions):
+  def __call__(self, h, mask, packing, deterministic, output_hidden_states, output_attentions):
     cfg = self.cfg
     s = h.shape[1]
     table = L.embed(cfg, cfg.relative_attention_num_buckets, cfg.num_heads,
                     "relative_attention_bias")
-    buckets = jnp.asarray(relative_position_bucket(s, s))
-    bias = jnp.transpose(table(buckets), (2, 0, 1))[None]  # [1, N, S, S]
+    if packing is None:
+      buckets = jnp.asarray(relative_position_bucket(s, s))
+      bias = jnp.transpose(table(buckets), (2, 0, 1))[None]  # [1, N, S, S]
+    else:
+      buckets = relative_position_bucket_rows(packing.position_ids)
+      bias = jnp.transpose(table(buckets), (0, 3, 1, 2))  # [B, N, S, S]
     return L.run_layers(cfg, MPNetLayer, h, mask, bias, deterministic, output_hidden_states,
                         output_attentions)
 
 
 class MPNetBackbone(nn.Module):
-  """inputs: input_ids int32 [B, S] (pad id 1), attention_mask [B, S]; no token types."""
+  """inputs: input_ids int32 [B, S] (pad id 1), attention_mask [B, S]; no token types; packed
+  rows add segment_ids, position_ids [B, S] and example_start [E] (layers.Packing)."""
 
   cfg: L.ArchConfig
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None,
+               position_ids=None, example_start=None, *, deterministic=True,
                embedding_perturbation=None, output_hidden_states=False, output_attentions=False):
     cfg = self.cfg
-    emb, table = MPNetEmbeddings(cfg, name="embeddings")(input_ids)
+    packing = L.Packing.from_inputs(segment_ids, position_ids, example_start)
+    emb, table = MPNetEmbeddings(cfg, name="embeddings")(input_ids, packing)
     mask = attention_mask.astype(bool)
+    encoder = MPNetEncoder(cfg, name="encoder")
+
+    def encode(h, mask, bias, *flags):
+      del bias  # the encoder builds its relative position bias itself
+      return encoder(h, mask, packing, *flags)
+
     h, hidden, attns = L.encode_embeddings(
         cfg, emb, mask, deterministic, embedding_perturbation, output_hidden_states,
-        output_attentions, MPNetEncoder(cfg, name="encoder"))
-    pooled = L.Pooler(cfg, name="pooler")(h) if cfg.add_pooling_layer else None
-    return L.BackboneOutput(h, emb, mask, pooled, hidden, attns, table)
+        output_attentions, encode, packing=packing)
+    pooled = L.Pooler(cfg, name="pooler")(h, packing) if cfg.add_pooling_layer else None
+    return L.BackboneOutput(h, emb, mask, pooled, hidden, attns, table, packing)

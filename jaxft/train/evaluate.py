@@ -1,7 +1,8 @@
 """Evaluation: a jitted forward over every eval example once, then metrics on the host.
 
-The forward is jitted once per bucket shape; predictions and labels come back to the host, padding
-rows (example_mask = 0) are dropped, and `jaxft.eval.metrics.compute` names the numbers. Token
+The forward is jitted once per batch shape (one for packed batches, one per bucket otherwise);
+predictions and labels come back to the host, padding rows and unused slots (example_mask = 0)
+are dropped (token logits of packed rows are cut back into one array per example), and `jaxft.eval.metrics.compute` names the numbers. Token
 classification (NER) is scored over words, as conlleval does: each word takes its first
 sub-token's prediction (`pipeline.WordAlignment`), and truncated words count as "O".
 The weights evaluated are `Setup.eval_params` (EMA / SWA when train.eval_with says so, pruning
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxft.data import packing
 from jaxft.eval import metrics as metrics_lib
 from jaxft.train import mesh as mesh_lib
 from jaxft.core.state import flatten
@@ -62,9 +64,13 @@ class Evaluator:
     this process's share of the rows (put_batch), the numbers are the whole batch's."""
     device_batch = mesh_lib.put_batch(batch, self.setup.mesh)
     logits = self._forward(state, device_batch)
-    host = mesh_lib.gather_to_host({"logits": logits, **{k: device_batch[k] for k in
-                                                         ("example_mask", "labels")
+    packed = "segment_ids" in device_batch and logits.ndim == 3  # token logits of packed rows
+    keys = ("example_mask", "labels") + (packing.PACKING_KEYS if packed else ())
+    host = mesh_lib.gather_to_host({"logits": logits, **{k: device_batch[k] for k in keys
                                                          if k in device_batch}})
+    if packed:  # one [n_e, C] array per real example, in slot (= file) order
+      labels = packing.unpack_tokens(host, host["labels"]) if "labels" in host else None
+      return packing.unpack_tokens(host, host["logits"]), labels
     keep = np.asarray(host["example_mask"]) > 0
     labels = np.asarray(host["labels"])[keep] if "labels" in host else None
     return np.asarray(host["logits"])[keep], labels

@@ -121,6 +121,26 @@ def _strong_view(config, objective, data, tokenizer):
                     pad_id=tokenizer.pad_token_id or 0, replace_id=tokenizer.mask_token_id)
 
 
+def packing_blocker(config, peft_spec) -> str | None:
+  """Why this run's batches cannot be packed (data.packing), or None when they can."""
+  if peft_spec.prompt_length > 0:
+    return ("prompt tuning inserts its vectors after a row's first token, which a packed row "
+            "shares between examples")
+  return None
+
+
+def use_packing(config, peft_spec) -> bool:
+  """data.packing, unless the run cannot pack: then length buckets, said in the log."""
+  if not config.data.packing:
+    return False
+  why = packing_blocker(config, peft_spec)
+  if why:
+    log.warning("data.packing: %s; this run uses length buckets "
+                "(--config.data.packing=false says so explicitly)", why)
+    return False
+  return True
+
+
 def check_max_length(max_length: int, hf_config) -> None:
   """Position ids past the embedding table would be clamped silently by the gather: refuse them."""
   n = getattr(hf_config, "max_position_embeddings", None)
@@ -176,10 +196,12 @@ def build_setup(config, devices=None) -> Setup:
   if config.objective.name not in objective_names:
     objectives.build(config.objective, None)  # raises with the known names
   tokenizer = load_tokenizer(config.model.name)
+  spec = peft.spec_from_config(config.peft)
   data = pipeline.build(config.data, tokenizer, batch_size=config.train.batch_size,
                         eval_batch_size=config.train.eval_batch_size, seed=config.seed,
                         num_shards=mesh_lib.num_batch_shards(mesh),
-                        unlabeled_ratio=config.data.unlabeled_ratio)
+                        unlabeled_ratio=config.data.unlabeled_ratio,
+                        packing=use_packing(config, spec))
   for note in data.notes:
     log.info("data: %s", note)
   info = data.info
@@ -193,7 +215,6 @@ def build_setup(config, devices=None) -> Setup:
   if objective.unlabeled:
     data = dataclasses.replace(data, train=_strong_view(config, objective, data, tokenizer))
 
-  spec = peft.spec_from_config(config.peft)
   kwargs = model_kwargs(config, info, spec, tokenizer)
   teacher = compress.load_teacher(config, kwargs["head"], info, tokenizer)
   model = compress.load_model(config, teacher, **kwargs)
