@@ -155,6 +155,11 @@ def main(argv=None) -> int:
   args, rest = parser.parse_known_args(argv)
   if rest and args.command not in ("train", "table", "bench"):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  if args.command in ("train", "eval", "table", "bench"):
+    # Compiled steps persist between runs (JAXFT_COMPILE_CACHE=0 turns it off): a rerun of the
+    # same experiment loads them instead of compiling again (jaxft.core.compile_cache).
+    from jaxft.core import compile_cache
+    compile_cache.enable()
   try:
     if args.command in ("train", "eval", "export", "table"):
       from jaxft.train import distributed

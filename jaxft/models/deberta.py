@@ -17,6 +17,9 @@ Embeddings: LN(E_word[x] (+ E_pos[p] when position_biased_input) (+ E_type[t])),
 `embed_proj` when embedding_size != hidden_size, times the attention mask. Optional ConvLayer
 (conv_kernel_size > 0, DeBERTa-v2 xlarge/xxlarge) after the first layer. Padding queries attend
 uniformly to every key, as the reference's [B, 1, S, S] mask does.
+Packed rows (layers.Packing): positions, relative positions and the attention mask are per
+example (i - j from position_ids, block-diagonal mask), and the ConvLayer reads no tap across an
+example boundary, so every example gets what it gets alone in a padded row.
 HF names: embeddings/{word,position,token_type}_embeddings, encoder/{rel_embeddings, LayerNorm,
 conv/{conv,LayerNorm}}, encoder/layer_N/attention/{self/{query,key,value}_proj,
 output/{dense,LayerNorm}}, encoder/layer_N/{intermediate/dense, output/{dense,LayerNorm}}.
@@ -134,13 +137,27 @@ def log_bucket_position(rel: np.ndarray, bucket_size: int, max_position: int) ->
   return np.where(abs_pos <= mid, rel, log_pos * np.sign(rel)).astype(np.int64)
 
 
-def relative_positions(cfg: DebertaArch, length: int) -> np.ndarray:
-  """int64 [S, S]: bucket(i - j) for query i and key j."""
-  pos = np.arange(length)
-  rel = pos[:, None] - pos[None, :]
+def bucket(cfg: DebertaArch, rel: np.ndarray) -> np.ndarray:
+  """int64 bucket(rel) of relative distances rel (any shape): log buckets or rel itself."""
   if cfg.position_buckets > 0:
     rel = log_bucket_position(rel, cfg.position_buckets, cfg.max_relative_positions)
   return rel
+
+
+def relative_positions(cfg: DebertaArch, length: int) -> np.ndarray:
+  """int64 [S, S]: bucket(i - j) for query i and key j."""
+  pos = np.arange(length)
+  return bucket(cfg, pos[:, None] - pos[None, :])
+
+
+def relative_positions_rows(cfg: DebertaArch, position_ids):
+  """int32 [B, S, S]: bucket(pos[b, i] - pos[b, j]) from per-row position ids [B, S] (packed
+  rows, where positions restart in every example). A lookup in the numpy buckets of every
+  distance -(S-1)..S-1, so they agree with relative_positions to the integer (XLA's float32 log
+  may differ from numpy's in the last bit)."""
+  s = position_ids.shape[1]
+  table = jnp.asarray(bucket(cfg, np.arange(-(s - 1), s)).astype(np.int32))
+  return jnp.take(table, position_ids[:, :, None] - position_ids[:, None, :] + (s - 1))
 
 
 def _gather_last(x, idx):
@@ -150,30 +167,41 @@ def _gather_last(x, idx):
   return jnp.take_along_axis(x, jnp.asarray(idx, jnp.int32)[None, None], axis=-1)
 
 
-def relative_scores(cfg: DebertaArch, q, k, pos: dict):
+def _gather_rows(x, idx):
+  """x [B, N, S, R] and idx [B, S, S'] -> x[b, n, s, idx[b, s, t]]: [B, N, S, S']."""
+  return jnp.take_along_axis(x, idx[:, None], axis=-1)
+
+
+def relative_scores(cfg: DebertaArch, q, k, pos: dict, rows=None):
   """c2p + p2c scores [B, N, S, S] float32, before the 1 / sqrt(d s) scale.
 
   q, k: [B, S, N, d] content queries / keys; pos: {"c2p": P W_k, "p2c": P W_q}, each [2k, N, d].
   c2p[b, n, i, j] = q_i . (P W_k)_{c(i, j)};  p2c[b, n, i, j] = k_j . (P W_q)_{c(i, j)}, with
   c(i, j) = clip(bucket(i - j) + k, 0, 2k - 1): scores against all 2k positions, then a gather.
+  rows: None (i - j of row offsets, a static index) or int32 [B, S, S] bucket(pos_i - pos_j) of
+  packed rows (relative_positions_rows), gathered per row.
   """
   span, f32 = cfg.span, jnp.float32
-  rel = relative_positions(cfg, q.shape[1])
+  if rows is None:
+    rel, clip, gather = relative_positions(cfg, q.shape[1]), np.clip, _gather_last
+  else:
+    rel, clip, gather = rows, jnp.clip, _gather_rows
   score = jnp.zeros((), f32)
   if "c2p" in pos:
     c2p = jnp.einsum("btnd,rnd->bntr", q, pos["c2p"].astype(q.dtype), preferred_element_type=f32)
-    score = score + _gather_last(c2p, np.clip(rel + span, 0, 2 * span - 1))
+    score = score + gather(c2p, clip(rel + span, 0, 2 * span - 1))
   if "p2c" in pos:
     p2c = jnp.einsum("bsnd,rnd->bnsr", k, pos["p2c"].astype(k.dtype), preferred_element_type=f32)
     # [b, n, j, i] = p2c[b, n, j, clip(-bucket(j - i) + k)], then transposed to [b, n, i, j].
-    p2c = _gather_last(p2c, np.clip(-rel + span, 0, 2 * span - 1))
+    p2c = gather(p2c, clip(-rel + span, 0, 2 * span - 1))
     score = score + jnp.swapaxes(p2c, -1, -2)
   return score
 
 
 class DisentangledSelfAttention(nn.Module):
   """"self": softmax((content + c2p + p2c) / sqrt(d s), masked) V; prefix keys (PEFT) get no
-  relative terms. x [B, S, H], mask bool [B, S], rel [2k, H] or None.
+  relative terms. x [B, S, H], mask bool [B, S] or, packed, [B, S, S] (block-diagonal);
+  rel: (P [2k, H] or None, packed rows' relative buckets [B, S, S] or None).
   Returns (out [B, S, N d], probs [B, N, S, P + S] float32 or None)."""
 
   cfg: DebertaArch
@@ -181,6 +209,7 @@ class DisentangledSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask, rel, deterministic, output_attentions):
     cfg = self.cfg
+    rel, rows = rel  # the relative embeddings P, the packed rows' buckets
     b, s, _ = x.shape
     n, d = cfg.num_heads, cfg.head_dim
     names = ("query_proj", "key_proj", "value_proj")
@@ -197,7 +226,7 @@ class DisentangledSelfAttention(nn.Module):
                   if t in cfg.pos_att_type}
       pos = {t: layer(r, deterministic=deterministic).reshape(r.shape[0], n, d)
              for t, layer in pos_proj.items()}
-      logits = logits + relative_scores(cfg, q, k, pos) / scale
+      logits = logits + relative_scores(cfg, q, k, pos, rows) / scale
     prefix = Prefix(cfg.peft, num_heads=n, head_dim=d, name="prefix")()
     keys = mask
     if prefix is not None:
@@ -205,11 +234,15 @@ class DisentangledSelfAttention(nn.Module):
       pk, pv = (jnp.broadcast_to(p.astype(k.dtype)[None], (b,) + p.shape) for p in prefix)
       k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
       p_len = prefix[0].shape[0]
-      keys = jnp.concatenate([jnp.ones((b, p_len), bool), mask], 1)
+      keys = L.prepend_keys(mask, p_len)
       prefix_logits = jnp.einsum("btnd,bsnd->bnts", q, pk, preferred_element_type=f32) / scale
       logits = jnp.concatenate([prefix_logits, logits], -1)
-    # The reference masks with m_i m_j: a padding query sees only masked scores, so a uniform row.
-    allowed = mask[:, None, :, None] & keys[:, None, None, :]
+    if mask.ndim == 3:  # packed: the block-diagonal mask already pairs queries with keys
+      allowed = keys[:, None]
+    else:
+      # The reference masks with m_i m_j: a padding query sees only masked scores, so a uniform
+      # row.
+      allowed = mask[:, None, :, None] & keys[:, None, None, :]
     probs = jax.nn.softmax(jnp.where(allowed, logits, f32(-1e30)), axis=-1)
     dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     out = jnp.einsum("bnts,bsnd->btnd", dropped.astype(v.dtype), v).reshape(b, s, n * d)
@@ -229,8 +262,9 @@ class DebertaAttention(nn.Module):
 
 
 class DebertaLayer(nn.Module):
-  """One layer; `rel` [2k, H] (the relative embeddings) sits in the slot other families use for
-  an attention bias, so L.maybe_remat applies unchanged."""
+  """One layer; `rel` (the relative embeddings [2k, H] and the packed rows' relative buckets
+  [B, S, S], either None) sits in the slot other families use for an attention bias, so
+  L.maybe_remat applies unchanged."""
 
   cfg: DebertaArch
 
@@ -242,19 +276,41 @@ class DebertaLayer(nn.Module):
     return L.AddNorm(self.cfg, where="ffn", name="output")(y, a, deterministic), probs
 
 
+def segment_conv(conv, x, segment_ids, pad: int):
+  """conv(x) of packed rows with every tap outside the output token's example read as zero, as
+  the example alone in a padded row reads padding. x [B, S, C], segment_ids [B, S]; conv a
+  "same" Conv1d of half-width pad. Returns [B, S, C'] (padding positions: anything).
+
+  Examples are coloured by their rank in the row mod (pad + 1), so the examples within pad tokens
+  of a token (ranks s - pad .. s + pad) all differ in colour from its own (rank s); conv of x
+  restricted to one colour is then exact at that colour's tokens. pad + 1 convolutions (2 for
+  DeBERTa's kernel of 3) instead of per-tap masking."""
+  real = segment_ids > 0
+  before = jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+  colour = jnp.cumsum((real & (segment_ids != before)).astype(jnp.int32), axis=1) % (pad + 1)
+  out = None
+  for c in range(pad + 1):
+    keep = ((colour == c) & real)[..., None]
+    y = conv(jnp.where(keep, x, jnp.zeros((), x.dtype)))
+    out = y if out is None else jnp.where(keep, y, out)
+  return out
+
+
 class ConvLayer(nn.Module):
-  """"conv": mask * LN(residual + act(Dropout(mask * Conv1d(x)))) over the encoder input x."""
+  """"conv": mask * LN(residual + act(Dropout(mask * Conv1d(x)))) over the encoder input x;
+  mask bool [B, S]; packed rows (segment_ids [B, S]) convolve per example (segment_conv)."""
 
   cfg: DebertaArch
 
   @nn.compact
-  def __call__(self, x, residual, mask, deterministic):
+  def __call__(self, x, residual, mask, deterministic, segment_ids=None):
     cfg = self.cfg
     pad = (cfg.conv_kernel_size - 1) // 2
-    out = nn.Conv(cfg.hidden_size, (cfg.conv_kernel_size,), padding=[(pad, pad)],
-                  feature_group_count=cfg.conv_groups, dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, kernel_init=nn.initializers.normal(0.02),
-                  name="conv")(x)
+    conv = nn.Conv(cfg.hidden_size, (cfg.conv_kernel_size,), padding=[(pad, pad)],
+                   feature_group_count=cfg.conv_groups, dtype=cfg.dtype,
+                   param_dtype=cfg.param_dtype, kernel_init=nn.initializers.normal(0.02),
+                   name="conv")
+    out = conv(x) if segment_ids is None else segment_conv(conv, x, segment_ids, pad)
     m = mask[..., None]
     out = jnp.where(m, out, jnp.zeros((), out.dtype))
     out = L.activation(cfg.conv_act)(nn.Dropout(cfg.hidden_dropout)(out,
@@ -264,25 +320,32 @@ class ConvLayer(nn.Module):
 
 
 class DebertaEncoder(nn.Module):
-  """"encoder": the relative embeddings (shared by all layers), the layers, the ConvLayer."""
+  """"encoder": the relative embeddings (shared by all layers), the layers, the ConvLayer.
+  mask: bool [B, S], or with packing (layers.Packing) its block-diagonal [B, S, S]."""
 
   cfg: DebertaArch
 
   @nn.compact
-  def __call__(self, h, mask, bias, deterministic, output_hidden_states, output_attentions):
-    del bias
+  def __call__(self, h, mask, packing, deterministic, output_hidden_states, output_attentions):
     cfg = self.cfg
-    rel = None
+    rel, rows = None, None
     if cfg.relative_attention:
       rel = L.embed(cfg, 2 * cfg.span, cfg.hidden_size, "rel_embeddings").embedding
       if cfg.norm_rel_ebd:
         rel = L.layer_norm(cfg, "LayerNorm")(rel)
+      if packing is not None:
+        rows = relative_positions_rows(cfg, packing.position_ids)
     layer_cls = L.maybe_remat(cfg, DebertaLayer)
     x, hidden, attns = h, [h], []
     for i in range(cfg.num_layers):
-      h, probs = layer_cls(cfg, name=f"layer_{i}")(h, mask, rel, deterministic, output_attentions)
+      h, probs = layer_cls(cfg, name=f"layer_{i}")(h, mask, (rel, rows), deterministic,
+                                                   output_attentions)
       if i == 0 and cfg.conv_kernel_size > 0:
-        h = ConvLayer(cfg, name="conv")(x, h, mask, deterministic)
+        conv = ConvLayer(cfg, name="conv")
+        if packing is None:
+          h = conv(x, h, mask, deterministic)
+        else:
+          h = conv(x, h, packing.segment_ids > 0, deterministic, packing.segment_ids)
       hidden.append(h)
       attns.append(probs)
     return (h, tuple(hidden) if output_hidden_states else None,
@@ -298,14 +361,17 @@ class DebertaEmbeddings(nn.Module):
   cfg: DebertaArch
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, mask):
+  def __call__(self, input_ids, token_type_ids, mask, packing=None):
     cfg = self.cfg
     size = cfg.embedding_size or cfg.hidden_size
     word = L.embed(cfg, cfg.vocab_size, size, "word_embeddings").embedding
     h = L.rows(word, input_ids)
     if cfg.position_biased_input:
       pos = L.embed(cfg, cfg.max_position_embeddings, size, "position_embeddings").embedding
-      h = h + L.leading_rows(pos, input_ids.shape[1])
+      if packing is None:
+        h = h + L.leading_rows(pos, input_ids.shape[1])
+      else:  # positions restart in every packed example
+        h = h + L.rows(pos, L.positions(cfg, input_ids, packing))
     if cfg.type_vocab_size > 0:
       types = L.embed(cfg, cfg.type_vocab_size, size, "token_type_embeddings").embedding
       h = h + L.rows(types, token_type_ids)
@@ -317,27 +383,38 @@ class DebertaEmbeddings(nn.Module):
 
 class DebertaV2Backbone(nn.Module):
   """inputs: input_ids int32 [B, S], attention_mask [B, S] (1 = token), token_type_ids [B, S]
-  (read only when type_vocab_size > 0). Returns layers.BackboneOutput (no pooler: DeBERTa's
-  ContextPooler belongs to the sequence head, see ContextPooler below)."""
+  (read only when type_vocab_size > 0); packed rows add segment_ids, position_ids [B, S] and
+  example_start [E] (layers.Packing). Returns layers.BackboneOutput (no pooler: DeBERTa's
+  ContextPooler belongs to the sequence head, see ContextPooler below, which heads.pool feeds
+  one pooled token per example)."""
 
   cfg: DebertaArch
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None,
+               position_ids=None, example_start=None, *, deterministic=True,
                embedding_perturbation=None, output_hidden_states=False, output_attentions=False):
     cfg = self.cfg
     if cfg.attention_impl not in (None, "xla"):
       raise ValueError(f"attention_impl={cfg.attention_impl!r}: deberta-v2 attention adds "
                        "query-dependent relative terms and always runs on the XLA path; use "
                        "attention_impl=None or 'xla'")
+    packing = L.Packing.from_inputs(segment_ids, position_ids, example_start)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     mask = attention_mask.astype(bool)
-    emb, table = DebertaEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, mask)
+    emb, table = DebertaEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, mask,
+                                                           packing)
+    encoder = DebertaEncoder(cfg, name="encoder")
+
+    def encode(h, mask, bias, *flags):
+      del bias  # the relative terms come from the encoder's own embeddings
+      return encoder(h, mask, packing, *flags)
+
     h, hidden, attns = L.encode_embeddings(
         cfg, emb, mask, deterministic, embedding_perturbation, output_hidden_states,
-        output_attentions, DebertaEncoder(cfg, name="encoder"))
-    return L.BackboneOutput(h, emb, mask, None, hidden, attns, table)
+        output_attentions, encode, packing=packing)
+    return L.BackboneOutput(h, emb, mask, None, hidden, attns, table, packing)
 
 
 # ----------------------------------------------------------------------------- task-head parts
@@ -350,7 +427,7 @@ def _dense(cfg, features: int, name: str) -> nn.Dense:
 
 class ContextPooler(nn.Module):
   """"pooler" of the sequence head (HF ContextPooler): act(dense(Dropout(x))), x [B, H] the
-  pooled token (h_0 with pooling "cls"). heads.SequenceHead puts classifier(Dropout(.)) on top."""
+  pooled token (h_0 with pooling "cls"; [E, H], one per example, for packed rows). heads.SequenceHead puts classifier(Dropout(.)) on top."""
 
   cfg: DebertaArch
 
