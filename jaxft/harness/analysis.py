@@ -204,6 +204,7 @@ def analyze_workdir(workdir, split: str | None = None, examples: Sequence[int] =
                     out_dir=None, steps: int = 32) -> pathlib.Path:
   """Writes <workdir>/analysis/: report.json (per-class report, calibration), confusion.png,
   reliability.png and attributions.html (IG for the chosen eval examples). Classification only."""
+  from jaxft.data import packing
   from jaxft.train.evaluate import Evaluator
   from jaxft.train.restore import load_workdir
   from jaxft.train.setup import load_tokenizer
@@ -229,6 +230,9 @@ def analyze_workdir(workdir, split: str | None = None, examples: Sequence[int] =
   # Attributions for the chosen examples: gather them from the eval batches in order.
   wanted, rows, index = set(examples), [], 0
   for batch in setup.data.eval[ev.split]():
+    if "segment_ids" in batch:  # packed: one padded row per slot, as IG reads them
+      batch = {**packing.slots_as_rows(batch), "labels": batch["labels"],
+               "example_mask": batch["example_mask"]}
     for j in np.flatnonzero(np.asarray(batch["example_mask"]) > 0):
       if index in wanted:
         rows.append((index, {k: np.asarray(v)[j] for k, v in batch.items()}))

@@ -12,9 +12,12 @@ attn/{Wqkv, Wo}, mlp_norm, mlp/{Wi, Wo}}, final_norm; `hf.hf_name` maps layers/l
 "layers.N". Task heads: `PredictionHead` ("head": dense -> act -> norm), then "classifier" or the
 tied "decoder" (heads.py).
 
-Batches are padded (right padding, as the tokenizers and the batcher produce). HF's unpadded
-(flash-attention) path computes the same function on the real tokens; the padded one is used here
-because it keeps static shapes and runs on the fused XLA / cuDNN kernels.
+Batches are padded (right padding, as the tokenizers and the batcher produce) or packed
+(layers.Packing: several examples per row). HF's unpadded (flash-attention) path computes the same
+function on the real tokens; the padded one is used here because it keeps static shapes and runs
+on the fused XLA / cuDNN kernels. Packed rows take RoPE at every token's position in its example,
+a block-diagonal mask in the global layers and, in the local ones, that mask and
+|pos_i - pos_j| <= local_attention // 2 as one [B, S, S] mask.
 """
 
 from __future__ import annotations
@@ -112,11 +115,14 @@ def rope_tables(theta: float, head_dim: int, length: int):
 
 
 def apply_rope(x, cos, sin):
-  """x [B, S, N, D] rotated in float32: x cos + rotate_half(x) sin; returns x's dtype."""
+  """x [B, S, N, D] rotated in float32: x cos + rotate_half(x) sin; returns x's dtype.
+  cos, sin: [S, D] (positions 0..S-1) or [B, S, D] (every token's own position: packed rows)."""
   y = x.astype(jnp.float32)
   half = y.shape[-1] // 2
   rotated = jnp.concatenate([-y[..., half:], y[..., :half]], axis=-1)
-  return (y * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+  if cos.ndim == 2:
+    cos, sin = cos[None], sin[None]
+  return (y * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
 def window_bias(q_len: int, k_len: int, half: int, dtype):
@@ -135,8 +141,9 @@ def window_bias(q_len: int, k_len: int, half: int, dtype):
 def attend(q, k, v, mask, half, impl: str, dropout, deterministic: bool, explicit: bool,
            backend=None):
   """softmax(q k^T / sqrt(d), padding and window masked) v. q [B, T, N, D], k, v [B, K, N, D],
-  mask bool [B, K]; half: None (global) or the window's half-width. Returns (out [B, T, N, D],
-  probs [B, N, T, K] float32 when explicit else None).
+  mask bool [B, K] or [B, T, K] (packed rows, the window already in it); half: None (global, or
+  a [B, T, K] mask) or the window's half-width. Returns (out [B, T, N, D], probs [B, N, T, K]
+  float32 when explicit else None).
 
   XLA takes the window as dot_product_attention's local_window_size=(half, half), the same
   |i - j| <= half as HF. cuDNN has no two-sided window without a causal mask, and with prefix keys
@@ -171,7 +178,8 @@ class ModernBertEmbeddings(nn.Module):
 class ModernBertAttention(nn.Module):
   """"attn": fused Wqkv -> RoPE on q, k -> (local) attention -> Wo -> dropout -> adapter.
 
-  x [B, S, H], mask bool [B, S], rope (cos, sin) [S, D]. Returns (out [B, S, H], probs or None).
+  x [B, S, H], mask bool [B, S] or, packed, [B, S, S] (ModernBertLayers puts a local layer's
+  window into it), rope (cos, sin) [S, D] or [B, S, D]. Returns (out [B, S, H], probs or None).
   The Wqkv kernel's columns are [q | k | v], each N heads of D, as HF's view(..., 3, N, D)."""
 
   cfg: ModernBertArch
@@ -191,11 +199,12 @@ class ModernBertAttention(nn.Module):
       # Prefix-tuning keys/values (already in the rotated space) sit in front, always visible.
       pk, pv = (jnp.broadcast_to(p.astype(k.dtype)[None], (b,) + p.shape) for p in prefix)
       k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
-      mask = jnp.concatenate([jnp.ones((b, prefix[0].shape[0]), bool), mask], 1)
+      mask = L.prepend_keys(mask, prefix[0].shape[0])
     drop = nn.Dropout(cfg.attention_dropout)
     explicit = output_attentions or (not deterministic and cfg.attention_dropout > 0.0)
     impl = L.resolve_attention_impl(cfg.attention_impl, q.dtype, d)
-    half = cfg.local_attention // 2 if self.local else None
+    # A packed [B, S, S] mask holds the window already: row offsets are not positions there.
+    half = cfg.local_attention // 2 if self.local and mask.ndim == 2 else None
     out, probs = attend(q, k, v, mask, half, impl, drop, deterministic, explicit)
     out = L.dense(cfg, cfg.hidden_size, "Wo", cfg.attention_bias)(out.reshape(b, s, n * d),
                                                                   deterministic=deterministic)
@@ -239,21 +248,30 @@ class ModernBertLayer(nn.Module):
 
 
 class ModernBertLayers(nn.Module):
-  """"layers": layer_0..layer_{L-1} with the RoPE tables of their type. Returns (h, hidden_states:
-  input of layer 0 and every layer's output, attentions), the last two None unless asked for."""
+  """"layers": layer_0..layer_{L-1} with the RoPE tables and mask of their type. mask: bool
+  [B, S], or with packing (layers.Packing) its block-diagonal [B, S, S]. Returns (h,
+  hidden_states: input of layer 0 and every layer's output, attentions), the last two None unless
+  asked for."""
 
   cfg: ModernBertArch
 
   @nn.compact
-  def __call__(self, h, mask, deterministic, output_hidden_states, output_attentions):
+  def __call__(self, h, mask, packing, deterministic, output_hidden_states, output_attentions):
     cfg = self.cfg
     s = h.shape[1]
     ropes = {GLOBAL: rope_tables(cfg.global_rope_theta, cfg.head_dim, s),
              LOCAL: rope_tables(cfg.local_rope_theta, cfg.head_dim, s)}
+    masks = {GLOBAL: mask, LOCAL: mask}
+    if packing is not None:
+      pos = packing.position_ids
+      ropes = {t: tuple(jnp.take(x, pos, axis=0) for x in r) for t, r in ropes.items()}
+      near = jnp.abs(pos[:, :, None] - pos[:, None, :]) <= cfg.local_attention // 2
+      masks[LOCAL] = mask & near
     layer_cls = L.maybe_remat(cfg, ModernBertLayer)
     hidden, attns = [h], []
     for i in range(cfg.num_layers):
-      h, probs = layer_cls(cfg, index=i, name=f"layer_{i}")(h, mask, ropes[cfg.layer_types[i]],
+      kind = cfg.layer_types[i]
+      h, probs = layer_cls(cfg, index=i, name=f"layer_{i}")(h, masks[kind], ropes[kind],
                                                             deterministic, output_attentions)
       hidden.append(h)
       attns.append(probs)
@@ -263,15 +281,18 @@ class ModernBertLayers(nn.Module):
 
 class ModernBertBackbone(nn.Module):
   """inputs: input_ids int32 [B, S], attention_mask [B, S] (1 = token); token_type_ids is ignored
-  (ModernBERT has none). Returns layers.BackboneOutput; hidden_states end with the final_norm
-  output (= last_hidden_state), as HF's."""
+  (ModernBERT has none); packed rows add segment_ids, position_ids [B, S] and example_start [E]
+  (layers.Packing). Returns layers.BackboneOutput; hidden_states end with the final_norm output
+  (= last_hidden_state), as HF's."""
 
   cfg: ModernBertArch
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True,
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None,
+               position_ids=None, example_start=None, *, deterministic=True,
                embedding_perturbation=None, output_hidden_states=False, output_attentions=False):
     cfg = self.cfg
+    packing = L.Packing.from_inputs(segment_ids, position_ids, example_start)
     emb, table = ModernBertEmbeddings(cfg, name="embeddings")(input_ids)
     mask = attention_mask.astype(bool)
     layers = ModernBertLayers(cfg, name="layers")
@@ -279,13 +300,15 @@ class ModernBertBackbone(nn.Module):
 
     def encoder(h, mask, bias, deterministic, output_hidden_states, output_attentions):
       del bias
-      h, hidden, attns = layers(h, mask, deterministic, output_hidden_states, output_attentions)
+      h, hidden, attns = layers(h, mask, packing, deterministic, output_hidden_states,
+                                output_attentions)
       h = final_norm(h)
       return h, (None if hidden is None else hidden[:-1] + (h,)), attns
 
     h, hidden, attns = L.encode_embeddings(cfg, emb, mask, deterministic, embedding_perturbation,
-                                           output_hidden_states, output_attentions, encoder)
-    return L.BackboneOutput(h, emb, mask, None, hidden, attns, table)
+                                           output_hidden_states, output_attentions, encoder,
+                                           packing=packing)
+    return L.BackboneOutput(h, emb, mask, None, hidden, attns, table, packing)
 
 
 class PredictionHead(nn.Module):

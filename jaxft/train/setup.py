@@ -126,6 +126,9 @@ def packing_blocker(config, peft_spec) -> str | None:
   if peft_spec.prompt_length > 0:
     return ("prompt tuning inserts its vectors after a row's first token, which a packed row "
             "shares between examples")
+  if config.train.grad_accum_steps > 1:
+    return ("gradient accumulation splits a batch's rows into micro-batches, and packed rows are "
+            "not laid out by micro-batch")
   return None
 
 
