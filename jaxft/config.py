@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="validation",
       max_train_examples=0,  # 0 = all
       max_eval_examples=0,
-      packing=True,  # several whole examples per row (jaxft.data.packing); False: buckets
+      packing=False,  # True: several whole examples per row (jaxft.data.packing); False: buckets
       bucket_boundaries="",  # "" = powers of two up to max_length (data.packing=False)
       labeled_per_class=0,  # > 0: semi-supervised, k labels per class, rest unlabeled
       unlabeled_ratio=0,  # mu: unlabeled rows per labeled row in a batch

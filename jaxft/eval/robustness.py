@@ -30,8 +30,8 @@ import numpy as np
 
 from jaxft.objectives import perturb as P
 from jaxft.objectives.adversarial import attack_loss
-from jaxft.objectives.base import StepContext, example_weights
-from jaxft.objectives.supervised import IGNORE, task_term
+from jaxft.objectives.base import StepContext, example_weights, token_weights
+from jaxft.objectives.supervised import task_term
 
 # ------------------------------------------------------------------------------------------------
 # Embedding-space PGD
@@ -49,10 +49,11 @@ def make_pgd_eval(apply_fn, kind: str, *, steps: int = 10, norm: str = "l2",
   ctx = StepContext(step=jnp.zeros((), jnp.int32), extras={})
 
   def correct(logits, batch):
-    w = example_weights(batch)
     hit = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-    if kind == "token_classification":
-      w = (batch["labels"] != IGNORE).astype(jnp.float32) * w[:, None]
+    if kind == "token_classification":  # per token, padded or packed rows alike
+      w = token_weights(batch, batch["labels"])
+    else:
+      w = example_weights(batch)
     return jnp.sum(hit * w), jnp.sum(w)
 
   @jax.jit

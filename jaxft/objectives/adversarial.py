@@ -10,6 +10,10 @@ One dropout rng is shared by all forward passes inside a term (the attack and th
 attack targets the same stochastic sub-network the loss is taken on, and a divergence between clean
 and perturbed predictions measures the perturbation alone, not two dropout draws.
 
+Packed batches (jaxft.data.packing): delta is [R, L, H]; every norm, projection, random start and
+noise draw is per example through base.layout_of(batch) (jaxft.objectives.perturb), so a packed
+example is attacked exactly as it is in a padded batch.
+
 Cost per step, in forward+backward passes of the model: sup 1, FGM 2, PGD K+1, FreeLB K
 (K forward+backward for the losses, K-1 for the ascent), SMART 2 + K (+1 for the teacher), VAT
 2 + power_iterations, R3F 2.
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.objectives import perturb as P
-from jaxft.objectives.base import StepContext, Weighted, example_weights
+from jaxft.objectives.base import StepContext, Weighted, example_weights, layout_of
 from jaxft.objectives.registry import Objective, register
 from jaxft.objectives.supervised import masked_mean, task_term
 from jaxft.core.state import flatten, unflatten
@@ -43,7 +47,7 @@ def attack_loss(sup_term, apply_fn, params, batch, rng, ctx, **fixed):
 
 
 def _norm_metric(delta, norm, batch):
-  return masked_mean(P.per_example_norm(delta, norm), example_weights(batch))
+  return masked_mean(P.per_example_norm(delta, norm, layout_of(batch)), example_weights(batch))
 
 
 def fgm_term(kind: str, *, epsilon: float, norm: str = "l2", label_smoothing: float = 0.0):
@@ -57,7 +61,7 @@ def fgm_term(kind: str, *, epsilon: float, norm: str = "l2", label_smoothing: fl
     shape = P.embedding_shape(apply_fn, params, batch)
     mask = P.token_mask(batch, shape)
     delta = P.fgm_delta(attack_loss(sup, apply_fn, params, batch, rng, ctx), shape, mask,
-                        epsilon=epsilon, norm=norm)
+                        epsilon=epsilon, norm=norm, layout=layout_of(batch))
     loss, metrics = sup(P.with_perturbation(apply_fn, delta), params, batch, rng, ctx)
     return loss, {**metrics, "delta_norm": _norm_metric(delta, norm, batch)}
 
@@ -76,33 +80,36 @@ def pgd_term(kind: str, *, epsilon: float, alpha: float, steps: int, norm: str =
     mask = P.token_mask(batch, shape)
     delta = P.pgd_delta(attack_loss(sup, apply_fn, params, batch, rng, ctx), shape, mask,
                         epsilon=epsilon, alpha=alpha, steps=steps, norm=norm,
-                        rng=jax.random.fold_in(rng, 1), random_init=random_init)
+                        rng=jax.random.fold_in(rng, 1), random_init=random_init,
+                        layout=layout_of(batch))
     loss, metrics = sup(P.with_perturbation(apply_fn, delta), params, batch, rng, ctx)
     return loss, {**metrics, "delta_norm": _norm_metric(delta, norm, batch)}
 
   return term
 
 
-def freelb_init(rng, shape, mask, norm: str, init_mag: float) -> jax.Array:
+def freelb_init(rng, shape, mask, norm: str, init_mag: float, layout=None) -> jax.Array:
   """FreeLB's start: L2: U(-1, 1) * init_mag / sqrt(L_b * H) (L_b real tokens of example b);
   L-inf: U(-init_mag, init_mag). Padding stays 0."""
-  u = jax.random.uniform(rng, shape, jnp.float32, -1.0, 1.0) * mask
+  layout = layout or P.rows(mask)
+  u = layout.draw(lambda k, s: jax.random.uniform(k, s, jnp.float32, -1.0, 1.0), rng,
+                  shape) * mask
   if P.check_norm(norm) == "linf":
     return u * init_mag
-  dims = jnp.sum(mask, axis=(1, 2)) * shape[-1]
-  return u * (init_mag / jnp.sqrt(jnp.maximum(dims, 1.0)))[:, None, None]
+  dims = layout.sum(mask) * shape[-1]
+  return u * layout.spread(init_mag / jnp.sqrt(jnp.maximum(dims, 1.0)), u)
 
 
 def freelb_deltas(loss_of_delta, delta0, mask, *, steps: int, alpha: float, epsilon: float,
-                  norm: str) -> list[jax.Array]:
+                  norm: str, layout=None) -> list[jax.Array]:
   """The K perturbations FreeLB takes its losses at: delta_0, and delta_{k+1} =
   Proj_eps(delta_k + alpha * g_k / ||g_k||) (per-example L2, or max-|g| for L-inf as in the paper's
   code); eps <= 0 leaves delta unbounded. All stop-gradiented."""
   deltas = [sg(delta0)]
   for _ in range(steps - 1):
     g = P.delta_grad(loss_of_delta, deltas[-1]) * mask
-    step = deltas[-1] + alpha * P.normalize(g, norm)
-    deltas.append(sg(P.project(step, norm, epsilon) * mask))
+    step = deltas[-1] + alpha * P.normalize(g, norm, layout)
+    deltas.append(sg(P.project(step, norm, epsilon, layout) * mask))
   return deltas
 
 
@@ -118,10 +125,11 @@ def freelb_term(kind: str, *, steps: int, alpha: float, epsilon: float = 0.0, in
   def term(apply_fn, params, batch, rng, ctx: StepContext):
     shape = P.embedding_shape(apply_fn, params, batch)
     mask = P.token_mask(batch, shape)
-    delta0 = freelb_init(jax.random.fold_in(rng, 1), shape, mask, norm, init_mag)
+    layout = layout_of(batch)
+    delta0 = freelb_init(jax.random.fold_in(rng, 1), shape, mask, norm, init_mag, layout)
     # A Python loop, not scan: the ascent after the last loss is dead code XLA then removes.
     deltas = freelb_deltas(attack_loss(sup, apply_fn, params, batch, rng, ctx), delta0, mask,
-                           steps=steps, alpha=alpha, epsilon=epsilon, norm=norm)
+                           steps=steps, alpha=alpha, epsilon=epsilon, norm=norm, layout=layout)
     results = [sup(P.with_perturbation(apply_fn, d), params, batch, rng, ctx) for d in deltas]
     loss = sum(r[0] for r in results) / steps
     metrics = {k: sum(r[1][k] for r in results) / steps for k in results[0][1]}
@@ -131,15 +139,21 @@ def freelb_term(kind: str, *, steps: int, alpha: float, epsilon: float = 0.0, in
 
 
 def smart_delta(div_of_delta, shape, mask, rng, *, noise_std: float, step_size: float,
-                epsilon: float, steps: int, norm: str = "linf") -> jax.Array:
+                epsilon: float, steps: int, norm: str = "linf", layout=None) -> jax.Array:
   """SMART's inner maximisation (Jiang et al. 2020, Algorithm 1): delta ~ N(0, sigma^2 I), then
   `steps` times delta <- Proj_eps(delta + eta * g / ||g||) with g = d l_s / d delta (||.||_inf
   normalisation for the L-inf ball, as in the paper). Stop-gradiented."""
-  delta = jax.random.normal(rng, shape, jnp.float32) * noise_std * mask
+  layout = layout or P.rows(mask)
+  delta = layout.draw(_normal, rng, shape) * noise_std * mask
   for _ in range(steps):
     g = P.delta_grad(div_of_delta, delta) * mask
-    delta = P.project(delta + step_size * P.normalize(g, norm), norm, epsilon) * mask
+    delta = P.project(delta + step_size * P.normalize(g, norm, layout), norm, epsilon,
+                      layout) * mask
   return sg(delta)
+
+
+def _normal(rng, shape):
+  return jax.random.normal(rng, shape, jnp.float32)
 
 
 def smart_term(kind: str, *, epsilon: float, noise_std: float, step_size: float, steps: int,
@@ -161,7 +175,8 @@ def smart_term(kind: str, *, epsilon: float, noise_std: float, step_size: float,
     shape = P.embedding_shape(apply_fn, params, batch)
     mask = P.token_mask(batch, shape)
     delta = smart_delta(div_of_delta, shape, mask, jax.random.fold_in(rng, 1), noise_std=noise_std,
-                        step_size=step_size, epsilon=epsilon, steps=steps, norm=norm)
+                        step_size=step_size, epsilon=epsilon, steps=steps, norm=norm,
+                        layout=layout_of(batch))
     adv = apply_fn(params, batch, rng=rng, deterministic=False, embedding_perturbation=delta).logits
     loss = P.divergence(kind, clean, adv, w, mode="each")
     return loss, {"delta_norm": _norm_metric(delta, norm, batch)}
@@ -203,13 +218,14 @@ def ema_teacher(momentum: float, teacher_key: str = TEACHER):
 
 
 def vat_delta(div_of_delta, shape, mask, rng, *, epsilon: float, xi: float,
-              power_iterations: int = 1) -> jax.Array:
+              power_iterations: int = 1, layout=None) -> jax.Array:
   """VAT's r_adv (Miyato et al. 2018): d ~ N(0, I); repeat d <- grad_r D(r)|_{r = xi d/||d||};
   r_adv = eps * d / ||d||_2 per example. Stop-gradiented."""
-  d = jax.random.normal(rng, shape, jnp.float32) * mask
+  layout = layout or P.rows(mask)
+  d = layout.draw(_normal, rng, shape) * mask
   for _ in range(power_iterations):
-    d = P.delta_grad(div_of_delta, xi * P.normalize(d, "l2")) * mask
-  return sg(epsilon * P.normalize(d, "l2") * mask)
+    d = P.delta_grad(div_of_delta, xi * P.normalize(d, "l2", layout)) * mask
+  return sg(epsilon * P.normalize(d, "l2", layout) * mask)
 
 
 def vat_part_loss(kind, apply_fn, params, part, rng, *, epsilon, xi, power_iterations):
@@ -224,7 +240,8 @@ def vat_part_loss(kind, apply_fn, params, part, rng, *, epsilon, xi, power_itera
 
   shape = P.embedding_shape(apply_fn, params, part)
   delta = vat_delta(div_of_delta, shape, P.token_mask(part, shape), jax.random.fold_in(rng, 1),
-                    epsilon=epsilon, xi=xi, power_iterations=power_iterations)
+                    epsilon=epsilon, xi=xi, power_iterations=power_iterations,
+                    layout=layout_of(part))
   adv = apply_fn(params, part, rng=rng, deterministic=False, embedding_perturbation=delta).logits
   return P.divergence(kind, clean, adv, w, mode="target"), jnp.sum(w)
 
@@ -262,12 +279,15 @@ def vat_term(kind: str, *, epsilon: float, xi: float, power_iterations: int = 1,
   return term
 
 
-def r3f_noise(rng, shape, mask, *, noise_std: float, noise_type: str = "normal") -> jax.Array:
+def r3f_noise(rng, shape, mask, *, noise_std: float, noise_type: str = "normal",
+              layout=None) -> jax.Array:
   """R3F's z: N(0, sigma^2 I) or U(-sigma, sigma) per coordinate at real tokens."""
+  layout = layout or P.rows(mask)
   if noise_type == "normal":
-    return jax.random.normal(rng, shape, jnp.float32) * noise_std * mask
+    return layout.draw(_normal, rng, shape) * noise_std * mask
   if noise_type == "uniform":
-    return jax.random.uniform(rng, shape, jnp.float32, -noise_std, noise_std) * mask
+    uniform = lambda k, s: jax.random.uniform(k, s, jnp.float32, -noise_std, noise_std)
+    return layout.draw(uniform, rng, shape) * mask
   raise ValueError(f"r3f noise_type must be 'normal' or 'uniform', got {noise_type!r}")
 
 
@@ -279,7 +299,7 @@ def r3f_term(kind: str, *, noise_std: float, noise_type: str = "normal"):
     clean = apply_fn(params, batch, rng=rng, deterministic=False).logits
     shape = P.embedding_shape(apply_fn, params, batch)
     z = r3f_noise(jax.random.fold_in(rng, 1), shape, P.token_mask(batch, shape),
-                  noise_std=noise_std, noise_type=noise_type)
+                  noise_std=noise_std, noise_type=noise_type, layout=layout_of(batch))
     noisy = apply_fn(params, batch, rng=rng, deterministic=False, embedding_perturbation=z).logits
     return P.divergence(kind, clean, noisy, P.prediction_weights(kind, batch), mode="none"), {}
 

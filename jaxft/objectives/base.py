@@ -12,6 +12,14 @@ respect to the trainable leaves only.
 
 `make_step` returns the pure, unjitted `step(state, batch, rng) -> (state, metrics)`; jitting with
 donation and shardings is `jaxft.train.mesh`'s job.
+
+Padded and packed batches. A padded batch has one example per row: [B, S] token arrays, [B] example
+arrays. A packed one (jaxft.data.packing, `data.packing`) holds E example slots in R rows of L
+tokens: token arrays [R, L] with `segment_ids` (slot + 1, 0 at padding), `position_ids`, and
+`example_start` [E]; example arrays (example_mask, sequence labels, logits) are [E]. Terms read the
+difference only through the helpers here: `example_weights` [N], `token_weights` [R, L],
+`ExampleLayout` (per-example sums, maxima and noise over token arrays) and `concat_batches`; on a
+padded batch each is exactly the row-wise code it replaced, so padded results are unchanged bitwise.
 """
 
 from __future__ import annotations
@@ -52,10 +60,143 @@ class Weighted:
     return self.weight(step) if callable(self.weight) else jnp.asarray(self.weight, jnp.float32)
 
 
+IGNORE = -100  # token label of positions no loss reads (padding, non-first sub-tokens)
+PACKING_KEYS = ("segment_ids", "position_ids", "example_start")
+PACKING_FIX = "--config.data.packing=false"
+
+
+def is_packed(batch) -> bool:
+  """Whether `batch` is packed (jaxft.data.packing): several examples per row, `segment_ids`."""
+  return "segment_ids" in batch
+
+
+def refuse_packing(what: str, why: str, fix: str = PACKING_FIX) -> ValueError:
+  """The error a method that cannot run on packed batches raises (the caller raises it)."""
+  return ValueError(f"{what} cannot run on packed batches (data.packing): {why}. Fix: {fix}")
+
+
 def example_weights(batch) -> jax.Array:
-  """[B] float32: 1 for real examples, 0 for rows that only pad the last batch."""
+  """[N] float32: 1 for real examples, 0 for rows (padded, N = B) or slots (packed, N = E) that
+  only fill the batch's static shape."""
+  if "example_mask" in batch:
+    return batch["example_mask"].astype(jnp.float32)
+  if is_packed(batch):
+    return jnp.ones(batch["example_start"].shape[:1], jnp.float32)
   some = next(iter(v for k, v in batch.items() if k in ("input_ids", "pixel_values", "labels")))
-  return batch.get("example_mask", jnp.ones(some.shape[:1], jnp.float32)).astype(jnp.float32)
+  return jnp.ones(some.shape[:1], jnp.float32)
+
+
+def _slot_of_token(batch) -> jax.Array:
+  """int32 [R, L]: the slot each token of a packed batch belongs to (0 at padding: mask it)."""
+  return jnp.maximum(batch["segment_ids"].astype(jnp.int32) - 1, 0)
+
+
+def token_weights(batch, labels=None) -> jax.Array:
+  """float32 per-token weights: example weight (example_mask) times whether the token counts.
+
+  A token counts when labels != IGNORE (token labels given) or, without labels, when it is a real
+  token (attention_mask; every token without one). Padded: [B, S] (or [B, 1] times the labels
+  mask); packed: [R, L], each token taking the weight of its slot, 0 at padding."""
+  w = example_weights(batch)
+  if is_packed(batch):
+    seg = batch["segment_ids"]
+    per = jnp.where(seg > 0, w[_slot_of_token(batch)], 0.0)
+  else:
+    per = w[:, None]
+  if labels is not None:
+    return (labels != IGNORE).astype(jnp.float32) * per
+  if "attention_mask" in batch:
+    return batch["attention_mask"].astype(jnp.float32) * per
+  return jnp.broadcast_to(per, batch["input_ids"].shape).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleLayout:
+  """Where a batch's examples lie in its token arrays x [R, L, ...]: one per row (padded,
+  segment_ids None) or one per segment (packed). `num` examples: B rows or E slots.
+
+  sum / max reduce every axis but the example's own tokens -> [num]; spread broadcasts [num]
+  values back onto x's tokens; draw samples noise so that a packed example gets exactly the
+  noise it would get as row e of a padded batch of the same slots."""
+
+  num: int
+  segment_ids: Any = None  # int32 [R, L] or None
+  position_ids: Any = None  # int32 [R, L] or None
+
+  @property
+  def packed(self) -> bool:
+    return self.segment_ids is not None
+
+  def _flat_ids(self):
+    # Padding tokens get id -1, which segment_sum / segment_max drop.
+    return jnp.where(self.segment_ids > 0, self.segment_ids - 1, -1).reshape(-1)
+
+  def sum(self, x: jax.Array) -> jax.Array:
+    """[num]: sum over each example's tokens and all trailing axes of x [R, L, ...]."""
+    if not self.packed:
+      return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+    per_token = jnp.sum(x.reshape(x.shape[:2] + (-1,)), -1).reshape(-1)
+    return jax.ops.segment_sum(per_token, self._flat_ids(), num_segments=self.num)
+
+  def max(self, x: jax.Array) -> jax.Array:
+    """[num]: max over each example's tokens and trailing axes of x >= 0 (0 for an empty slot)."""
+    if not self.packed:
+      return jnp.max(x, axis=tuple(range(1, x.ndim)))
+    per_token = jnp.max(x.reshape(x.shape[:2] + (-1,)), -1).reshape(-1)
+    return jnp.maximum(jax.ops.segment_max(per_token, self._flat_ids(), num_segments=self.num),
+                       0.0)
+
+  def spread(self, v: jax.Array, like: jax.Array) -> jax.Array:
+    """[num] -> broadcastable to `like` [R, L, ...]: each token gets its example's value (packed
+    padding gets slot 0's value; the masks that zero padding still apply)."""
+    if not self.packed:
+      return v.reshape(v.shape + (1,) * (like.ndim - 1))
+    per = v[jnp.maximum(self.segment_ids - 1, 0)]
+    return per.reshape(per.shape + (1,) * (like.ndim - 2))
+
+  def draw(self, sample: Callable[[Any, tuple], jax.Array], rng, shape: tuple) -> jax.Array:
+    """sample(rng, shape) for a padded batch. Packed ([R, L, ...]): sample(rng, (E, L, ...)), the
+    draw of a padded batch of the E slots, read at (slot, position) of each token (0 at padding),
+    so an example's noise does not depend on where the packer put it. Costs E / R times the
+    memory of one draw."""
+    if not self.packed:
+      return sample(rng, shape)
+    full = sample(rng, (self.num,) + tuple(shape[1:]))
+    slot = jnp.maximum(self.segment_ids - 1, 0)
+    pos = jnp.clip(self.position_ids, 0, shape[1] - 1)
+    picked = full[slot, pos]
+    keep = (self.segment_ids > 0).reshape(self.segment_ids.shape + (1,) * (len(shape) - 2))
+    return jnp.where(keep, picked, jnp.zeros((), picked.dtype))
+
+
+def layout_of(batch) -> ExampleLayout:
+  """The ExampleLayout of a batch's token arrays (its input_ids / pixel_values rows if padded)."""
+  if is_packed(batch):
+    return ExampleLayout(int(batch["example_start"].shape[0]), batch["segment_ids"],
+                         batch["position_ids"])
+  some = next(iter(v for k, v in batch.items() if k in ("input_ids", "pixel_values", "labels")))
+  return ExampleLayout(int(some.shape[0]))
+
+
+def concat_batches(a, b):
+  """Batch a stacked on batch b (same keys and trailing shapes) -> one batch: rows of b after a's.
+
+  Padded: every array concatenated on axis 0. Packed: the same, and b's slots renumbered after
+  a's under every prefix p ("", "unlabeled/", ...): p+segment_ids of b + E_a at its tokens,
+  p+example_start of b + R_a * L (slot e of a stays e, slot e of b becomes E_a + e)."""
+  if set(a) != set(b):
+    raise ValueError(f"concat_batches needs the same keys, got {sorted(set(a) ^ set(b))} in one")
+  out = {}
+  for key in a:
+    x, y = a[key], b[key]
+    prefix, name = key.rsplit("/", 1) if "/" in key else ("", key)
+    prefix = prefix + "/" if prefix else ""
+    if name == "segment_ids":
+      y = jnp.where(y > 0, y + a[prefix + "example_start"].shape[0], y)
+    elif name == "example_start" and prefix + "segment_ids" in a:
+      y = y + a[prefix + "segment_ids"].size
+    out[key] = jnp.concatenate([x, y])
+  return out
 
 
 def global_norm(tree) -> jax.Array:
@@ -93,6 +234,18 @@ def make_loss_fn(apply_fn, terms: Mapping[str, Weighted]):
   return loss_fn
 
 
+def check_packing(packed: bool, grad_accum_steps: int):
+  """Refuses, before any compute, what a step cannot do on packed batches: gradient accumulation
+  cuts a batch's rows and its example slots into micro-batches separately, so a micro-batch's
+  slots would point at another micro-batch's tokens."""
+  if packed and grad_accum_steps > 1:
+    raise refuse_packing(
+        f"train.grad_accum_steps={grad_accum_steps}",
+        "micro-batches split rows and example slots apart",
+        f"{PACKING_FIX}, or train.grad_accum_steps=1 (a packed batch already holds more examples "
+        "per token of memory)")
+
+
 def _split_micro(batch, n: int):
   def f(x):
     if x.shape[0] % n:
@@ -115,7 +268,8 @@ def make_step(apply_fn,
               prepare: Callable[[TrainState], TrainState] | None = None,
               spike_guard=None,
               log_norms: bool = False,
-              guard_in_optimizer: bool = False):
+              guard_in_optimizer: bool = False,
+              packed: bool = False):
   """Builds the pure train step `step(state, batch, rng) -> (state, metrics)`.
 
   grad_accum_steps: the batch [B, ...] is split into that many micro-batches whose gradients are
@@ -142,9 +296,12 @@ def make_step(apply_fn,
     costs XLA a copy of the moments.
   A skipped update is a select between the new and the old buffers inside the update's own
   elementwise fusion, not a conditional: no host round trip for the predicate.
+  packed: the batches are packed (data.packing); what cannot run on them is refused here
+    (`check_packing`), and a packed batch reaching a step built without it is refused when traced.
   Metrics: loss, loss/<term>, <term>/<metric>, grad_norm (before clipping), lr, nonfinite (0/1),
   skipped_steps (running count); param_norm, update_norm with log_norms.
   """
+  check_packing(packed, grad_accum_steps)
   if nan_policy not in ("skip", "error", "none"):
     raise ValueError(f"nan_policy must be 'skip', 'error' or 'none', got {nan_policy!r}")
   loss_fn = make_loss_fn(apply_fn, terms)
@@ -156,6 +313,7 @@ def make_step(apply_fn,
     if grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(state.trainable, state.frozen, batch, rng, ctx)
       return grads, metrics
+    check_packing(any(k.rsplit("/", 1)[-1] == "segment_ids" for k in batch), grad_accum_steps)
     micro = _split_micro(batch, grad_accum_steps)
 
     def body(carry, xs):

@@ -19,7 +19,11 @@ and the target side is always under stop_gradient:
                 (dist_align: p distribution-aligned first, jaxft.objectives.adaptive)
   entropy_min   l = -sum_c p_c log p_c                           (Grandvalet & Bengio 2005)
   mean_teacher  l = mean_c (p'_c - q_c)^2, p' from EMA params    (Tarvainen & Valpola 2017)
-Logits must be [B, C] (sequence or image classification).
+Logits must be [B, C] (sequence or image classification). Packed batches (jaxft.data.packing): the
+labeled part, u and A(u) are each their own packed sub-batch (own segment_ids, example_start), and
+logits, masks and pseudo-labels are per slot [E_u]; slot e of u and of A(u) is the same example (the
+data layer packs both views from one slot plan), so targets stay aligned. Embedding noise is drawn
+per example (base.ExampleLayout.draw), as in a padded batch.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.objectives.base import StepContext, Weighted, example_weights
+from jaxft.objectives.base import StepContext, Weighted, example_weights, layout_of
 from jaxft.objectives.registry import Objective, register
 from jaxft.objectives.supervised import cross_entropy, masked_mean, task_term
 from jaxft.core.state import flatten, unflatten
@@ -146,17 +150,20 @@ def embedding_noise(kind: str, scale: float, clean_embeddings, student_inputs, r
 
   "gaussian": scale * N(0, 1). "dropout": element-wise inverted dropout with rate `scale`, written
   additively as E (m / (1 - scale) - 1) from the clean embeddings E of the student's own view; the
-  perturbation carries no gradient, so d loss / d E keeps coefficient 1.
+  perturbation carries no gradient, so d loss / d E keeps coefficient 1. Packed student inputs:
+  each example's noise is its padded-row draw (base.ExampleLayout.draw).
   """
   if kind == "none" or scale == 0.0:
     return None
+  layout = layout_of(student_inputs)
   if kind == "gaussian":
     hidden = clean_embeddings.shape[-1]
     shape = (student_inputs["input_ids"].shape + (hidden,) if "input_ids" in student_inputs
              else clean_embeddings.shape)
-    return scale * jax.random.normal(rng, shape, f32)
+    return scale * layout.draw(lambda k, s: jax.random.normal(k, s, f32), rng, shape)
   if kind == "dropout":
-    keep = jax.random.bernoulli(rng, 1.0 - scale, clean_embeddings.shape)
+    keep = layout.draw(lambda k, s: jax.random.bernoulli(k, 1.0 - scale, s), rng,
+                       clean_embeddings.shape)
     return jax.lax.stop_gradient(clean_embeddings.astype(f32)) * (keep / (1.0 - scale) - 1.0)
   raise ValueError(f"unknown embedding_noise {kind!r}; known: none, gaussian, dropout")
 

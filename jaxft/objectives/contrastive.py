@@ -9,6 +9,8 @@ Eq. 1-2), loss="supcon": with z_i = pooled_i / ||pooled_i|| over the batch's N r
 loss (Tunstall et al. 2022) over every in-batch pair: mean_{i < j} (cos(p_i, p_j) - [y_i = y_j])^2.
 Both shape the embedding the head reads, which is what a sentence-embedding checkpoint was trained
 for; use them with model.pooling=mean for such checkpoints (all-MiniLM-L6-v2, all-mpnet-base-v2).
+Packed batches (jaxft.data.packing) need nothing more: the pooled embeddings, logits and labels are
+per slot [E], and unused slots (example_mask 0) are neither anchors nor keys.
 """
 
 from __future__ import annotations

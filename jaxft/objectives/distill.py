@@ -26,6 +26,12 @@ It runs deterministically (dropout off). Batch keys the term reads besides the s
                     differ, so hidden/attention transfer raises);
   "teacher_logits"  precomputed teacher logits (`add_teacher_logits`), used instead of a teacher
                     forward when no intermediate transfer is asked for.
+
+Packed batches (jaxft.data.packing): teacher and student read the same packed batch, so logits are
+per slot [E, C] (token tasks [R, L, C]) and hidden states [R, L, H]; token weights come from
+base.token_weights, and the attention term counts only (query, key) pairs of one segment, the pairs
+a padded batch has (attention maps [R, N, L, L] are block-diagonal). A teacher with its own
+tokenizer needs its own "teacher/segment_ids", "teacher/position_ids", "teacher/example_start".
 """
 
 from __future__ import annotations
@@ -40,13 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxft.objectives.base import StepContext, Weighted, example_weights, make_step
+from jaxft.objectives.base import (PACKING_KEYS, StepContext, Weighted, example_weights, is_packed,
+                                   make_step, refuse_packing, token_weights)
 from jaxft.objectives.supervised import IGNORE, cross_entropy, masked_mean
 from jaxft.core.state import Flat, flatten, unflatten
 
 TEACHER_PREFIX = "teacher/"
 PROJ = "distill_proj"
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# The student's keys that describe its tokens (a teacher with its own tokenizer brings its own).
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids") + PACKING_KEYS
 LayerMap = Union[str, Sequence[int]]
 
 
@@ -183,6 +191,11 @@ def teacher_batch(batch) -> dict:
                      "with its own tokenizer needs its own input_ids (and attention_mask)")
   if not own:
     return base
+  if is_packed(base) and not is_packed(own):
+    raise refuse_packing(
+        "a distillation teacher with its own tokenizer", "the batch packs the student's tokens "
+        "but has no 'teacher/segment_ids', 'teacher/position_ids', 'teacher/example_start' for "
+        "the teacher's", "pack the teacher's tokens too, or --config.data.packing=false")
   # The student's token-level inputs do not describe the teacher's tokens: drop them all.
   return {**{k: v for k, v in base.items() if k not in TOKEN_INPUTS}, **own}
 
@@ -194,11 +207,18 @@ def add_teacher_logits(teacher_apply, teacher_params, batch) -> dict:
 
 
 def _token_mask(batch) -> jax.Array:
-  """[B, S] float32 weights of real tokens in real examples."""
-  w = example_weights(batch)[:, None]
-  if "attention_mask" in batch:
-    return batch["attention_mask"].astype(jnp.float32) * w
-  return jnp.broadcast_to(w, batch["input_ids"].shape).astype(jnp.float32)
+  """[B, S] (packed [R, L]) float32 weights of real tokens in real examples."""
+  return token_weights(batch)
+
+
+def _pair_mask(batch, token_w: jax.Array) -> jax.Array:
+  """[B, S, S] float32 weights of (query, key) pairs: both real tokens (and, packed, of one
+  segment: a packed row's cross-segment pairs do not exist in a padded batch)."""
+  pair_w = token_w[:, :, None] * token_w[:, None, :]
+  if is_packed(batch):
+    seg = batch["segment_ids"]
+    pair_w = pair_w * (seg[:, :, None] == seg[:, None, :])
+  return pair_w
 
 
 def hidden_mse(student_h: jax.Array, teacher_h: jax.Array, kernel, token_w: jax.Array) -> jax.Array:
@@ -214,11 +234,12 @@ def hidden_mse(student_h: jax.Array, teacher_h: jax.Array, kernel, token_w: jax.
 
 
 def attention_mse(student_a: jax.Array, teacher_a: jax.Array, token_w: jax.Array,
-                  heads: str = "match") -> jax.Array:
+                  heads: str = "match", pair_w: jax.Array | None = None) -> jax.Array:
   """MSE of attention maps [B, h, S, S] over real (query, key) pairs, averaged over heads.
 
   heads: "match" needs equal head counts (TinyBERT's students keep the teacher's 12 heads); "mean"
-  compares the head-averaged maps when the counts differ.
+  compares the head-averaged maps when the counts differ. pair_w [B, S, S]: the pairs' weights
+  (default token_w_q * token_w_k; packed batches pass `_pair_mask`).
   """
   sa, ta = student_a.astype(jnp.float32), teacher_a.astype(jnp.float32)
   if heads == "mean":
@@ -228,7 +249,8 @@ def attention_mse(student_a: jax.Array, teacher_a: jax.Array, token_w: jax.Array
   if sa.shape != ta.shape:
     raise ValueError(f"student attention {sa.shape} vs teacher {ta.shape}: head counts differ; set "
                      "attention_heads='mean' to compare head-averaged maps")
-  pair_w = token_w[:, :, None] * token_w[:, None, :]  # [B, S, S]
+  if pair_w is None:
+    pair_w = token_w[:, :, None] * token_w[:, None, :]  # [B, S, S]
   per_pair = jnp.mean(jnp.square(sa - ta), axis=1)  # [B, S, S]
   return masked_mean(per_pair, pair_w)
 
@@ -247,7 +269,7 @@ def soft_target_loss(kind: str, student_logits, teacher_logits, batch, alpha: fl
   elif kind == "token_classification":
     if labels is None:
       raise ValueError("token-classification distillation needs 'labels' to know which tokens count")
-    tok_w = (labels != IGNORE).astype(jnp.float32) * w[:, None]
+    tok_w = token_weights(batch, labels)
     kl = masked_mean(kl_divergence(teacher_logits, student_logits, temperature), tok_w)
     hard = masked_mean(cross_entropy(student_logits, jnp.where(labels == IGNORE, 0, labels)), tok_w)
     agree = masked_mean((jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1))
@@ -321,7 +343,8 @@ def distill_term(teacher_apply, *, kind: str = "classification", alpha: float = 
     if want_a:
       sa, ta = out_s.attentions, out_t.attentions
       idx = layer_map(layers, len(sa), len(ta))
-      a_loss = jnp.mean(jnp.stack([attention_mse(sa[i], ta[j], token_w, attention_heads)
+      pair_w = _pair_mask(sb, token_w)
+      a_loss = jnp.mean(jnp.stack([attention_mse(sa[i], ta[j], token_w, attention_heads, pair_w)
                                    for i, j in enumerate(idx)]))
       loss = loss + attention_weight * a_loss
       metrics["attention_mse"] = a_loss

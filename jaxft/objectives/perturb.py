@@ -7,7 +7,10 @@ example, over all of that example's token positions and hidden units:
     ||delta_b||_2   = sqrt(sum_{s,h} delta_bsh^2)      ||delta_b||_inf = max_{s,h} |delta_bsh|
 
 Padding positions (attention_mask == 0) are kept at zero, so a bound on the norm is a bound on the
-perturbation of the real tokens. Attacks differentiate a loss w.r.t. `delta` with the parameters held
+perturbation of the real tokens. In a packed batch (jaxft.data.packing) delta is [R, L, H] and
+"example b" is a segment, not a row: norms, projections and random starts take an `ExampleLayout`
+(base.layout_of(batch)), whose per-segment sums and maxima give every example the norm it has in a
+padded batch, and whose draws give it the same noise; `layout=None` is the padded row-wise code. Attacks differentiate a loss w.r.t. `delta` with the parameters held
 fixed (`stop_gradient`), and the delta they return is itself stop-gradiented: the parameter update
 treats the adversarial example as a constant input, as in Goodfellow et al. (2015), Miyato et al.
 (2017) and Madry et al. (2018), and no second-order term is built.
@@ -24,8 +27,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxft.objectives.base import example_weights
-from jaxft.objectives.supervised import IGNORE, masked_mean
+from jaxft.objectives.base import IGNORE, ExampleLayout, example_weights, token_weights
+from jaxft.objectives.supervised import masked_mean
 
 NORMS = ("l2", "linf")
 _TINY = 1e-12
@@ -64,59 +67,66 @@ def token_mask(batch, shape) -> jax.Array:
   return jnp.ones(shape[:2] + (1,), jnp.float32)
 
 
-def _reduce_axes(x):
-  return tuple(range(1, x.ndim))
+def rows(x) -> ExampleLayout:
+  """The padded layout of x [B, ...]: example b is row b."""
+  return ExampleLayout(int(x.shape[0]))
 
 
-def per_example_norm(x: jax.Array, norm: str) -> jax.Array:
-  """[B] per-example L2 or L-inf norm of x [B, ...]."""
+def per_example_norm(x: jax.Array, norm: str, layout: ExampleLayout | None = None) -> jax.Array:
+  """[N] per-example L2 or L-inf norm of x [B, ...] (rows) or [R, L, ...] (packed layout)."""
+  layout = layout or rows(x)
   if check_norm(norm) == "l2":
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=_reduce_axes(x)))
-  return jnp.max(jnp.abs(x), axis=_reduce_axes(x))
+    return jnp.sqrt(layout.sum(jnp.square(x)))
+  return layout.max(jnp.abs(x))
 
 
-def _bcast(v, x):
-  return v.reshape(v.shape + (1,) * (x.ndim - 1))
+def _bcast(v, x, layout: ExampleLayout | None = None):
+  return (layout or rows(x)).spread(v, x)
 
 
-def normalize(g: jax.Array, norm: str) -> jax.Array:
+def normalize(g: jax.Array, norm: str, layout: ExampleLayout | None = None) -> jax.Array:
   """g / ||g|| per example (an all-zero row stays zero). With norm="linf" the row is divided by its
   largest |entry| (SMART's normalized step), not replaced by sign(g): see `ascent_direction`."""
-  return g / _bcast(jnp.maximum(per_example_norm(g, norm), _TINY), g)
+  return g / _bcast(jnp.maximum(per_example_norm(g, norm, layout), _TINY), g, layout)
 
 
-def ascent_direction(g: jax.Array, norm: str) -> jax.Array:
+def ascent_direction(g: jax.Array, norm: str, layout: ExampleLayout | None = None) -> jax.Array:
   """Steepest-ascent direction of unit norm for the ball of `norm`: L2 -> g / ||g||_2 (FGM,
   Miyato et al. 2017), L-inf -> sign(g) (FGSM, Goodfellow et al. 2015; Madry et al. 2018)."""
-  return normalize(g, "l2") if check_norm(norm) == "l2" else jnp.sign(g)
+  return normalize(g, "l2", layout) if check_norm(norm) == "l2" else jnp.sign(g)
 
 
-def project(delta: jax.Array, norm: str, epsilon) -> jax.Array:
+def project(delta: jax.Array, norm: str, epsilon, layout: ExampleLayout | None = None) -> jax.Array:
   """Euclidean projection onto the per-example ball {||delta_b|| <= epsilon}. epsilon <= 0: no
   bound (FreeLB's adv_max_norm = 0)."""
   eps = jnp.asarray(epsilon, jnp.float32)
   if check_norm(norm) == "l2":
-    n = per_example_norm(delta, "l2")
+    n = per_example_norm(delta, "l2", layout)
     scale = jnp.where(n > eps, eps / jnp.maximum(n, _TINY), 1.0)
-    projected = delta * _bcast(scale, delta)
+    projected = delta * _bcast(scale, delta, layout)
   else:
     projected = jnp.clip(delta, -eps, eps)
   return jnp.where(eps > 0, projected, delta)
 
 
-def random_in_ball(rng, shape, mask, norm: str, epsilon) -> jax.Array:
+def random_in_ball(rng, shape, mask, norm: str, epsilon,
+                   layout: ExampleLayout | None = None) -> jax.Array:
   """A uniform draw from the per-example ball of radius epsilon over the real tokens.
 
   L-inf: U(-eps, eps) per coordinate. L2: a Gaussian direction scaled to radius eps * u^(1/d),
-  u ~ U(0, 1), d = the example's number of real coordinates (Madry et al.'s random start)."""
+  u ~ U(0, 1), d = the example's number of real coordinates (Madry et al.'s random start).
+  Packed: each example draws what it draws as a padded row (ExampleLayout.draw)."""
   eps = jnp.asarray(epsilon, jnp.float32)
+  layout = layout or rows(mask)
   k_dir, k_rad = jax.random.split(rng)
   if check_norm(norm) == "linf":
-    return jax.random.uniform(k_dir, shape, jnp.float32, -1.0, 1.0) * eps * mask
-  d = normalize(jax.random.normal(k_dir, shape, jnp.float32) * mask, "l2")
-  dims = jnp.maximum(jnp.sum(mask, axis=_reduce_axes(mask)) * shape[-1], 1.0)
-  radius = eps * jax.random.uniform(k_rad, (shape[0],), jnp.float32) ** (1.0 / dims)
-  return d * _bcast(radius, d)
+    u = layout.draw(lambda k, s: jax.random.uniform(k, s, jnp.float32, -1.0, 1.0), k_dir, shape)
+    return u * eps * mask
+  d = normalize(layout.draw(lambda k, s: jax.random.normal(k, s, jnp.float32), k_dir, shape)
+                * mask, "l2", layout)
+  dims = jnp.maximum(layout.sum(mask) * shape[-1], 1.0)
+  radius = eps * jax.random.uniform(k_rad, (layout.num,), jnp.float32) ** (1.0 / dims)
+  return d * _bcast(radius, d, layout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,15 +138,17 @@ def delta_grad(loss_of_delta: Callable[[jax.Array], jax.Array], delta: jax.Array
   return jax.grad(loss_of_delta)(delta)
 
 
-def fgm_delta(loss_of_delta, shape, mask, *, epsilon, norm: str = "l2") -> jax.Array:
+def fgm_delta(loss_of_delta, shape, mask, *, epsilon, norm: str = "l2",
+              layout: ExampleLayout | None = None) -> jax.Array:
   """Fast gradient method: delta = eps * g / ||g||_2 (Miyato et al. 2017) or eps * sign(g) for L-inf
   (FGSM), g = d loss / d delta at delta = 0, per example. Returned stop-gradiented."""
   g = delta_grad(loss_of_delta, jnp.zeros(shape, jnp.float32)) * mask
-  return jax.lax.stop_gradient(epsilon * ascent_direction(g, norm) * mask)
+  return jax.lax.stop_gradient(epsilon * ascent_direction(g, norm, layout) * mask)
 
 
 def pgd_delta(loss_of_delta, shape, mask, *, epsilon, alpha, steps: int, norm: str = "l2",
-              rng=None, random_init: bool = False) -> jax.Array:
+              rng=None, random_init: bool = False,
+              layout: ExampleLayout | None = None) -> jax.Array:
   """Projected gradient ascent (Madry et al. 2018): delta_0 = 0 or a uniform draw from the ball,
   delta_{k+1} = Proj_eps(delta_k + alpha * dir(g_k)) for k < steps, dir from `ascent_direction`.
   With steps=1, no random start and alpha = eps this is FGM. Returned stop-gradiented."""
@@ -145,13 +157,13 @@ def pgd_delta(loss_of_delta, shape, mask, *, epsilon, alpha, steps: int, norm: s
   if random_init:
     if rng is None:
       raise ValueError("pgd with random_init=True needs an rng")
-    delta = random_in_ball(rng, shape, mask, norm, epsilon)
+    delta = random_in_ball(rng, shape, mask, norm, epsilon, layout)
   else:
     delta = jnp.zeros(shape, jnp.float32)
 
   def body(_, delta):
     g = delta_grad(loss_of_delta, delta) * mask
-    return project(delta + alpha * ascent_direction(g, norm), norm, epsilon) * mask
+    return project(delta + alpha * ascent_direction(g, norm, layout), norm, epsilon, layout) * mask
 
   # fori_loop keeps the compiled graph one ascent step long whatever `steps` is.
   delta = jax.lax.fori_loop(0, steps, body, delta)
@@ -184,14 +196,14 @@ def symmetric_kl(p_logits, q_logits, stop: str = "none") -> jax.Array:
 
 
 def prediction_weights(kind: str, batch) -> jax.Array:
-  """Rows a divergence averages over: [B] real examples, or [B, S] for token classification:
-  tokens with a label other than -100 when labels are present, else real (attention_mask) tokens."""
-  w = example_weights(batch)
+  """Rows a divergence averages over: [N] real examples, or the tokens ([B, S], packed [R, L]) for
+  token classification: those with a label other than -100 when labels are present, else real
+  (attention_mask) tokens."""
   if kind != "token_classification":
-    return w
+    return example_weights(batch)
   if "labels" in batch:
-    return (batch["labels"] != IGNORE).astype(jnp.float32) * w[:, None]
-  return batch["attention_mask"].astype(jnp.float32) * w[:, None]
+    return token_weights(batch, batch["labels"])
+  return token_weights(batch)
 
 
 def divergence(kind: str, clean_logits, other_logits, weights, *, mode: str) -> jax.Array:

@@ -4,7 +4,8 @@ of README "Adding an objective".
 Two forward passes of the same batch differ only in their dropout masks, giving P1 and P2. Eq. (3):
   L = CE(P1, y) + CE(P2, y) + alpha * 1/2 [KL(P1 || P2) + KL(P2 || P1)]
 averaged over real examples (sequence classification, logits [B, C]) or labeled tokens (token
-classification, logits [B, S, C], labels -100 ignored).
+classification, logits [B, S, C], labels -100 ignored). A packed batch (jaxft.data.packing) is
+stacked with its slots renumbered (base.concat_batches), so logits are [2E, C] or [2R, L, C].
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxft.objectives.base import StepContext, Weighted, example_weights
+from jaxft.objectives.base import (StepContext, Weighted, concat_batches, example_weights,
+                                   token_weights)
 from jaxft.objectives.registry import Objective, register
 from jaxft.objectives.supervised import IGNORE, cross_entropy, masked_mean
 
@@ -27,11 +29,11 @@ def symmetric_kl(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
 def rdrop_term(alpha: float, label_smoothing: float = 0.0):
   def term(apply_fn, params, batch, rng, ctx: StepContext):
     # One forward of the batch stacked on itself: rows b and B + b get independent dropout masks.
-    twice = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), batch)
+    twice = concat_batches(batch, batch)
     logits1, logits2 = jnp.split(apply_fn(params, twice, rng=rng, deterministic=False).logits, 2)
     labels, weights = batch["labels"], example_weights(batch)
     if labels.ndim == 2:  # token classification: score labeled tokens only
-      weights = weights[:, None] * (labels != IGNORE)
+      weights = token_weights(batch, labels)
       labels = jnp.where(labels == IGNORE, 0, labels)
     ce = (cross_entropy(logits1, labels, label_smoothing)
           + cross_entropy(logits2, labels, label_smoothing))

@@ -1,7 +1,8 @@
 """Supervised loss terms: cross-entropy (label smoothing), MSE regression, token-level CE.
 
 Every term averages over real examples only (`example_mask`), so a padded last batch gives the same
-loss as the unpadded one.
+loss as the unpadded one. Packed batches (jaxft.data.packing) work unchanged: sequence logits and
+labels are per slot [E], and token terms weight each token by its slot (base.token_weights).
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft.objectives.base import StepContext, Weighted, example_weights
+from jaxft.objectives.base import IGNORE, StepContext, Weighted, example_weights, token_weights
 from jaxft.objectives.registry import Objective, register
-
-IGNORE = -100
 
 
 def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -62,7 +61,7 @@ def token_classification_term(label_smoothing: float = 0.0):
   def term(apply_fn, params, batch, rng, ctx: StepContext):
     out = apply_fn(params, batch, rng=rng, deterministic=False)
     labels = batch["labels"]
-    valid = (labels != IGNORE).astype(jnp.float32) * example_weights(batch)[:, None]
+    valid = token_weights(batch, labels)
     ce = cross_entropy(out.logits, jnp.where(labels == IGNORE, 0, labels), label_smoothing)
     loss = masked_mean(ce, valid)
     acc = masked_mean((jnp.argmax(out.logits, -1) == labels).astype(jnp.float32), valid)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.core.state import Flat, flatten, merge_params
-from jaxft.objectives.base import StepContext, Weighted, example_weights
+from jaxft.objectives.base import StepContext, Weighted, example_weights, is_packed
 from jaxft.recipes import multitask as mt
 from jaxft.train.setup import Setup
 
@@ -93,6 +93,19 @@ def log_likelihood(logits: jax.Array, labels: jax.Array, kind: str) -> jax.Array
   return jnp.sum(lp[..., 0] * valid, axis=-1)
 
 
+def slot_log_likelihood(logits: jax.Array, labels: jax.Array, kind: str, batch) -> jax.Array:
+  """log p(y|x) per slot [E] of a packed batch: sequence logits [E, C] as `log_likelihood`; token
+  logits [R, L, C] summed over each slot's labelled tokens (segment_ids)."""
+  if kind != "token_classification":
+    return log_likelihood(logits, labels, kind)
+  valid = labels != -100
+  lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
+                           jnp.where(valid, labels, 0)[..., None], -1)[..., 0]
+  ids = jnp.where(batch["segment_ids"] > 0, batch["segment_ids"] - 1, -1).reshape(-1)
+  return jax.ops.segment_sum((lp * valid).reshape(-1), ids,
+                             num_segments=batch["example_start"].shape[0])
+
+
 def fisher_diagonal(apply_fn, trainable: Flat, frozen: Flat, batches: Iterable[dict], kind: str,
                     *, keys: Sequence[str] | None = None, empirical: bool = True, rng=None,
                     max_examples: int = 0, chunk: int = 4) -> Flat:
@@ -102,7 +115,10 @@ def fisher_diagonal(apply_fn, trainable: Flat, frozen: Flat, batches: Iterable[d
   apply_fn(nested params, batch, deterministic=True) -> ModelOutput, on merge(trainable, frozen).
   Per-example gradients are taken `chunk` examples at a time (memory: chunk x the parameters).
   Stops after the batch that reaches max_examples (0 = all batches). empirical=False draws
-  y ~ softmax(logits) per example (classification only) from `rng`."""
+  y ~ softmax(logits) per example (classification only) from `rng`. Packed batches
+  (jaxft.data.packing): examples share rows, so slot e's gradient is a backward pass of the whole
+  packed forward with the cotangent on its log-likelihood alone (the same gradient, since packed
+  examples do not attend to each other), `chunk` slots at a time; the same per-slot keys."""
   if not empirical and kind != "classification":
     raise ValueError("sampled-label Fisher (empirical=False) is implemented for classification")
   rng = jax.random.key(0) if rng is None else rng
@@ -139,9 +155,39 @@ def fisher_diagonal(apply_fn, trainable: Flat, frozen: Flat, batches: Iterable[d
     total, _ = jax.lax.scan(body, zeros, xs)
     return total, jnp.sum(weights)
 
+  @jax.jit
+  def packed_sum(w, rest, frozen, batch, key):
+    weights = example_weights(batch)
+    e = weights.shape[0]
+    slot_keys = jax.random.split(key, e)
+
+    def log_p_slots(w):
+      logits = apply_fn(merge_params({**rest, **w}, frozen), batch, deterministic=True).logits
+      labels = batch["labels"]
+      if not empirical:  # per slot, as the padded path draws per example from its [1, C] logits
+        draw = lambda k, z: jax.random.categorical(k, z[None].astype(jnp.float32), axis=-1)[0]
+        labels = jax.vmap(draw)(slot_keys, logits)
+      return slot_log_likelihood(logits, labels, kind, batch)
+
+    _, pullback = jax.vjp(log_p_slots, w)
+    c = math.gcd(e, max(int(chunk), 1))
+    onehots = jnp.eye(e, dtype=jnp.float32).reshape(e // c, c, e)
+
+    def body(acc, x):
+      cotangents, wt = x
+      (g,) = jax.vmap(pullback)(cotangents)
+      return jax.tree_util.tree_map(
+          lambda a, gi: a + jnp.einsum("b,b...->...", wt, jnp.square(gi.astype(jnp.float32))),
+          acc, g), None
+
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), w)
+    total, _ = jax.lax.scan(body, zeros, (onehots, weights.reshape(e // c, c)))
+    return total, jnp.sum(weights)
+
   total, count = None, 0.0
   for bi, batch in enumerate(batches):
-    s, n = batch_sum(wrt, rest, frozen, batch, jax.random.fold_in(rng, bi))
+    summed = packed_sum if is_packed(batch) else batch_sum
+    s, n = summed(wrt, rest, frozen, batch, jax.random.fold_in(rng, bi))
     total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
     count += float(n)
     if max_examples and count >= max_examples:

@@ -84,7 +84,8 @@ def positions(task: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------- batches and model
 
 def mark(batch: dict, task: str) -> dict:
-  """The batch with its task's marker: "task/<name>" -> ones [B] (B this process's rows)."""
+  """The batch with its task's marker: "task/<name>" -> ones [B] (B this process's rows), shaped
+  like example_mask so it shards and splits with it: [E] slots for a packed batch."""
   return {**batch, MARK + task: np.ones(len(batch["example_mask"]), np.float32)}
 
 

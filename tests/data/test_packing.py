@@ -140,7 +140,8 @@ def mr_bundle(minilm_dir, tmp_path_factory):
   c = movie_reviews_cpu(base_config())
   c.data.cache_dir = str(tmp_path_factory.mktemp("tok"))
   tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
-  return pipeline.build(c.data, tok, batch_size=32, eval_batch_size=128, seed=0), c, tok
+  return (pipeline.build(c.data, tok, batch_size=32, eval_batch_size=128, seed=0, packing=True),
+          c, tok)
 
 
 def test_quickstart_padding_on_real_data(mr_bundle):

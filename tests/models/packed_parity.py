@@ -56,10 +56,9 @@ def per_token(packed: dict, values) -> list[np.ndarray]:
   return packing.unpack_tokens(packed, np.asarray(values))
 
 
-def check(model, padded: dict, packed: dict, tol: float = TOL) -> float:
-  """Asserts packed == padded per example within tol; returns the largest difference."""
-  apply = jax.jit(model.apply)
-  want, got = apply(model.params, padded), apply(model.params, packed)
+def compare(padded: dict, packed: dict, want, got) -> float:
+  """The largest per-example difference between the padded forward's ModelOutput `want` and the
+  packed one's `got` (last hidden state of every real token, logits, pooled)."""
   n = np.asarray(padded["attention_mask"]).sum(1)
   b = len(n)
   worst = 0.0
@@ -75,5 +74,12 @@ def check(model, padded: dict, packed: dict, tol: float = TOL) -> float:
       worst = max(worst, max_diff(tok[i], np.asarray(want.logits)[i, :n[i]]))
   if want.pooled is not None:
     worst = max(worst, max_diff(got.pooled[:b], want.pooled))
+  return worst
+
+
+def check(model, padded: dict, packed: dict, tol: float = TOL) -> float:
+  """Asserts packed == padded per example within tol; returns the largest difference."""
+  apply = jax.jit(model.apply)
+  worst = compare(padded, packed, apply(model.params, padded), apply(model.params, packed))
   assert worst <= tol, f"packed vs padded differ by {worst:.3g} > {tol}"
   return worst
